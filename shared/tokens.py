@@ -149,16 +149,17 @@ def unpack_tokens(data: Union[bytes, bytearray, memoryview, np.ndarray], n_token
         raise ValueError(f"{n_tokens} tokens of {k} bits need {need} bytes, got {buf.size}")
     g, nbytes, nwords, plan = _word_plan(k)
     groups = -(-n_tokens // g)
+    if need != groups * nbytes:  # a partial last group: zero-pad it
+        buf = np.concatenate([buf, np.zeros(groups * nbytes - need, dtype=np.uint8)])
     rows = np.zeros((groups, nwords * 8), dtype=np.uint8)
-    flat = np.zeros(groups * nbytes, dtype=np.uint8)
-    flat[:need] = buf
-    rows[:, :nbytes] = flat.reshape(groups, nbytes)
-    words = rows.view("<u8").astype(np.uint64, copy=False)  # (groups, nwords)
+    rows[:, :nbytes] = buf.reshape(groups, nbytes)
+    words = np.ascontiguousarray(rows.view("<u8").T)  # (nwords, groups): each word a contiguous row
     mask = np.uint64((1 << k) - 1)
     out = np.empty((groups, g), dtype=np.int64)
     for i, (w, shift, spills) in enumerate(plan):
-        t = words[:, w] >> np.uint64(shift)
+        t = words[w] >> np.uint64(shift)
         if spills:
-            t |= words[:, w + 1] << np.uint64(64 - shift)
-        out[:, i] = t & mask
+            t |= words[w + 1] << np.uint64(64 - shift)
+        t &= mask
+        out[:, i] = t
     return out.reshape(-1)[:n_tokens]
