@@ -128,3 +128,18 @@ def test_step_dirs_and_prune(tmp_path):
     assert [p.name for p in ck.step_dirs(tmp_path)] == ["step-00000002", "step-00000010", "step-00000030"]
     ck.prune(tmp_path, 2)
     assert [p.name for p in ck.step_dirs(tmp_path)] == ["step-00000010", "step-00000030"]
+
+
+def test_atomic_files_get_umask_permissions(tmp_path):
+    import stat
+
+    from shared.atomic import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.json", "{}")
+        ck.save_checkpoint(tmp_path / "c", {"w": torch.ones(1)}, kind="toy")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o755
