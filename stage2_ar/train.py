@@ -1,0 +1,357 @@
+"""Train the factorized AR model on streamed token shards.
+
+    python -m stage2_ar.train --config ar-B data.path=DATASET out_dir=runs/ar-B
+    torchrun --nproc_per_node 8 -m stage2_ar.train --config ar-L data.path=s3://bucket/tokens ...
+
+One optimiser step sees ``data.global_batch`` images whatever the number of devices: each device runs
+``global_batch / (micro_batch * world_size)`` micro-batches and the gradients are accumulated (synchronised
+only on the last one). Checkpoints (``out_dir/step-NNNNNNNN``) hold the weights, optimiser, scheduler, step,
+every rank's RNG and the data-loader position, so an interrupted run resumed with ``resume=auto`` continues
+exactly as if it had never stopped (tested on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from shared import checkpoint as ckpt
+from shared.config import ConfigError, add_config_args, from_args, save_config, to_dict
+from shared.device import DistInfo, autocast, cleanup_distributed, init_distributed
+from shared.rng import rng_state, seed_everything, set_rng_state
+from shared.runlog import RunLogger, get_logger, progress
+from stage2_ar import data as sdata
+from stage2_ar.lr_schedule import WarmupHoldDecay, build_scheduler, load_scheduler_state
+from stage2_ar.model import KIND, FactorizedAR, subtoken_loss
+from stage2_ar.train_config import DECAY_CHOICES, PRESETS, TrainConfig
+
+log = logging.getLogger("stage2_ar.train")  # configured per rank by train()
+
+
+# ---------------------------------------------------------------------------------------------- optimiser
+
+def param_groups(model: nn.Module, mode: str, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups: which parameters decay (see OptimConfig.decay)."""
+    if mode not in DECAY_CHOICES:
+        raise ConfigError(f"optim.decay must be one of {', '.join(DECAY_CHOICES)}, got {mode!r}")
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if mode == "all":
+            yes = True
+        elif mode == "2d":
+            yes = p.ndim >= 2
+        else:
+            yes = id(p) in linear_weights
+        (decay if yes else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    per_step = micro_batch * world_size
+    if micro_batch < 1 or global_batch < 1 or global_batch % per_step:
+        raise ConfigError(f"data.global_batch {global_batch} is not a multiple of data.micro_batch {micro_batch} "
+                          f"x {world_size} device(s)")
+    return global_batch // per_step
+
+
+# ---------------------------------------------------------------------------------------------- model wrapping
+
+def wrap(model: FactorizedAR, cfg: TrainConfig, info: DistInfo) -> nn.Module:
+    """DDP, or FSDP (per-block sharding) for the large presets; the plain model on one device."""
+    if not info.distributed:
+        return model
+    if cfg.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type in ("cuda", "npu") else None
+        return DDP(model, device_ids=ids)
+    if cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(model.inter) + list(model.intra):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
+
+
+def _no_sync(wrapped: nn.Module, cfg: TrainConfig, info: DistInfo, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if not info.distributed or sync:
+        if info.distributed and cfg.parallel == "fsdp":
+            wrapped.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if cfg.parallel == "fsdp":
+        wrapped.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return wrapped.no_sync()
+
+
+def _sd_options(saving: bool = True):
+    """Full (unsharded) state dicts; when saving, gathered to CPU on rank 0 only (the writer)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=saving)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def save_training_checkpoint(path: Path, model: FactorizedAR, wrapped: nn.Module, opt, sched, step: int,
+                             loader, cfg: TrainConfig, info: DistInfo) -> None:
+    """Gather full weights / optimiser state and every rank's RNG; rank 0 writes one atomic directory."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    msd = get_model_state_dict(wrapped, options=_sd_options())
+    osd = get_optimizer_state_dict(wrapped, opt, options=_sd_options())
+    rngs = [rng_state()]
+    if info.distributed:
+        rngs = [None] * info.world_size
+        dist.all_gather_object(rngs, rng_state())
+    data_state = loader.state_dict()
+    if info.is_main:
+        state = {"step": step, "optimizer": osd, "scheduler": sched.state_dict(), "rng": rngs,
+                 "data": data_state, "world_size": info.world_size}
+        ckpt.save_checkpoint(path, msd, to_dict(cfg.model), kind=KIND, trainer_state=state,
+                             extra={"step": step, "train_config": to_dict(cfg)})
+        ckpt.prune(path.parent, cfg.keep_last)
+    if info.distributed:
+        dist.barrier()
+
+
+def find_resume(cfg: TrainConfig) -> Optional[Path]:
+    if cfg.resume == "":
+        return None
+    if cfg.resume == "auto":
+        found = ckpt.step_dirs(cfg.out_dir)
+        return found[-1] if found else None
+    path = Path(cfg.resume)
+    if not (path / ckpt.CONFIG).is_file():
+        raise ConfigError(f"resume={cfg.resume} is not a checkpoint directory")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def forever(loader) -> Iterator[Tuple[Any, int]]:
+    """Micro-batches across epochs (a resumed epoch may be already finished: then the next one starts)."""
+    empty = 0
+    while True:
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        empty = empty + 1 if n == 0 else 0
+        if empty >= 2:
+            raise RuntimeError("the training split yields no full micro-batch; lower data.micro_batch")
+
+
+def make_loader(cfg: TrainConfig, split: str, layout: sdata.TokenLayout, micro: int, shuffle: bool):
+    cache = cfg.data.cache_dir or str(Path(cfg.out_dir) / "mds-cache")
+    return sdata.build_loader(cfg.data.path, split=split, batch_size=micro, layout=layout,
+                              num_workers=cfg.data.num_workers, cache_dir=cache,
+                              shuffle=shuffle, shuffle_seed=cfg.data.shuffle_seed,
+                              num_canonical_nodes=cfg.data.num_canonical_nodes,
+                              pin_memory=torch.cuda.is_available(),
+                              generator=torch.Generator().manual_seed(cfg.seed))
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+def bit_colour(indices: torch.Tensor, scale: int = 8) -> torch.Tensor:
+    """(B, h, w) tokens -> (B, 3, h*s, w*s) in [-1, 1]: bits 0-5 as 2-bit R, G, B (no tokenizer needed)."""
+    rgb = torch.stack([(indices >> (2 * c)) & 3 for c in range(3)], 1).float() / 3 * 2 - 1
+    return rgb.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+
+
+@torch.no_grad()
+def sample_images(model: FactorizedAR, cfg: TrainConfig, tokenizer=None) -> torch.Tensor:
+    from stage2_ar.sample import generate
+
+    classes = cfg.sample_classes or tuple(range(min(8, model.cfg.num_classes)))
+    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(cfg.sample_per_class)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.sample_seed)  # own stream: training RNG untouched
+    indices = generate(model, labels, generator=gen)
+    return tokenizer.decode(indices).clamp(-1, 1).cpu() if tokenizer is not None else bit_colour(indices.cpu())
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+def _mean_across(x: torch.Tensor, info: DistInfo) -> float:
+    if info.distributed:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x /= info.world_size
+    return float(x)
+
+
+@torch.no_grad()
+def evaluate_loss(wrapped: nn.Module, loader, cfg: TrainConfig, info: DistInfo) -> float:
+    wrapped.eval()
+    total, n = torch.zeros((), device=info.device), 0
+    for i, batch in enumerate(loader):
+        if i >= cfg.eval_batches:
+            break
+        subs, labels = sdata.batch_to_inputs(batch, info.device)
+        with autocast(info.device, cfg.precision):
+            total += subtoken_loss(wrapped(subs, labels), subs).float()
+        n += 1
+    wrapped.train()
+    return _mean_across(total / max(1, n), info)
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Run (or resume) training; returns a summary (final step, last logged loss, checkpoint path)."""
+    if not cfg.data.path:
+        raise ConfigError("data.path is required (a token dataset directory or a remote URI)")
+    info = init_distributed(cfg.device)
+    get_logger("stage2_ar.train", info.rank)
+    out = Path(cfg.out_dir)
+    try:
+        if cfg.data.clean_stale_shm:
+            sdata.clean_stale_shared_memory()
+        manifest = sdata.read_manifest(cfg.data.path, str(out / "mds-cache"))
+        sdata.check_manifest(manifest, cfg.model)
+        layout = sdata.TokenLayout.from_manifest(manifest)
+        accum = accumulation_steps(cfg.data.global_batch, cfg.data.micro_batch, info.world_size)
+
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        model = FactorizedAR(cfg.model)
+        resume_dir = find_resume(cfg)
+        state = None
+        if resume_dir is not None:
+            ckpt.load_weights(model, resume_dir, kind=KIND)
+            state = ckpt.load_trainer_state(resume_dir)
+            if state is None:
+                raise ConfigError(f"{resume_dir} has no trainer state; cannot resume from it")
+        model.to(info.device)
+        wrapped = wrap(model, cfg, info)
+        opt = torch.optim.AdamW(param_groups(wrapped, cfg.optim.decay, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+        loader = make_loader(cfg, cfg.data.split, layout, cfg.data.micro_batch, shuffle=True)
+        n_train = loader.dataset.size
+        steps_per_epoch = max(1, n_train // cfg.data.global_batch)
+        if cfg.schedule.max_steps > 0:
+            total, warmup = cfg.schedule.max_steps, cfg.schedule.warmup_steps
+        else:
+            total = max(1, round(cfg.schedule.epochs * steps_per_epoch))
+            warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+        s = cfg.schedule
+        sched = build_scheduler(opt, WarmupHoldDecay(total, min(warmup, total), s.start_ratio, s.hold_frac, s.end_ratio))
+
+        step = 0
+        if state is not None:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            set_optimizer_state_dict(wrapped, opt, optim_state_dict=state["optimizer"],
+                                     options=_sd_options(saving=False))
+            load_scheduler_state(sched, state["scheduler"])
+            loader.load_state_dict(state["data"])
+            step = int(state["step"])
+            if state.get("world_size") == info.world_size:
+                set_rng_state(state["rng"][info.rank])
+            else:  # the data order still resumes exactly; dropout streams restart from a derived seed
+                log.warning("resuming on %d device(s) from a %s-device run: dropout RNG re-seeded",
+                            info.world_size, state.get("world_size"))
+                seed_everything(cfg.seed + 7919 * step + info.rank)
+            log.info("resumed from %s at step %d", resume_dir, step)
+        else:
+            seed_everything(cfg.seed + 1 + info.rank)  # independent dropout streams per rank
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "train_config.yaml")
+        val_loader = (make_loader(cfg, cfg.data.val_split, layout, cfg.data.micro_batch, shuffle=False)
+                      if cfg.data.val_split and cfg.eval_every > 0 else None)
+        tokenizer = None
+        if cfg.tokenizer and cfg.sample_every > 0 and info.is_main:
+            try:
+                from stage1_tokenizer.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.from_checkpoint(cfg.tokenizer, device=info.device).eval()
+            except (ImportError, OSError, ckpt.CheckpointError, KeyError, ValueError) as e:
+                raise ConfigError(f"tokenizer={cfg.tokenizer} cannot be loaded for sample grids: {e}") from None
+
+        logger = RunLogger(out, info.rank, tensorboard=cfg.tensorboard)
+        end = min(total, cfg.stop_after) if cfg.stop_after > 0 else total
+        log.info("%d train images, %d steps/epoch, %d steps (warm-up %d), global batch %d = %d x %d x %d accum; "
+                 "%.2fM params", n_train, steps_per_epoch, total, warmup, cfg.data.global_batch,
+                 cfg.data.micro_batch, info.world_size, accum, sum(p.numel() for p in model.parameters()) / 1e6)
+
+        batches = forever(loader)
+        bar = progress(range(step, end), rank=info.rank, initial=step, total=end, desc="train")
+        last = {}
+        t0, imgs = time.time(), 0
+        wrapped.train()
+        for _ in bar:
+            loss_sum = torch.zeros((), device=info.device)
+            for micro in range(accum):
+                subs, labels = sdata.batch_to_inputs(next(batches), info.device)
+                with _no_sync(wrapped, cfg, info, sync=micro == accum - 1):
+                    with autocast(info.device, cfg.precision):
+                        loss = subtoken_loss(wrapped(subs, labels), subs)
+                    (loss / accum).backward()
+                loss_sum += loss.detach().float()
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+            gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
+            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            imgs += cfg.data.global_batch
+
+            if step % cfg.log_every == 0 or step == end:
+                dt = max(time.time() - t0, 1e-9)
+                last = {"loss": _mean_across(loss_sum / accum, info), "lr": lr, "grad_norm": float(gnorm),
+                        "epoch": step * cfg.data.global_batch / n_train, "images_per_s": imgs / dt}
+                logger.scalars(step, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+                t0, imgs = time.time(), 0
+            if val_loader is not None and step % cfg.eval_every == 0:
+                logger.scalars(step, {"val_loss": evaluate_loss(wrapped, val_loader, cfg, info)})
+            if cfg.sample_every > 0 and step % cfg.sample_every == 0:
+                if cfg.parallel == "fsdp" and info.distributed:
+                    log.warning("sample grids are skipped under FSDP; sample from a checkpoint instead")
+                elif info.is_main:
+                    logger.images(step, "samples", sample_images(model, cfg, tokenizer), nrow=cfg.sample_per_class)
+            if step % cfg.ckpt_every == 0 or step == end:
+                save_training_checkpoint(ckpt.step_dir(out, step), model, wrapped, opt, sched, step, loader, cfg, info)
+        logger.close()
+        final = ckpt.step_dir(out, step)
+        return {"step": step, "total_steps": total, "last": last, "checkpoint": str(final)}
+    finally:
+        cleanup_distributed()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stage2_ar.train", description=__doc__.split("\n")[0])
+    add_config_args(p, default="ar-B")
+    args = p.parse_args(argv)
+    try:
+        cfg = from_args(TrainConfig, PRESETS, args)
+        cfg.model.validate()
+        summary = train(cfg)
+    except (ConfigError, sdata.ManifestError, ckpt.CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+    log.info("done: step %d, %s", summary["step"], summary["last"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
