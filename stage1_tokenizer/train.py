@@ -1,0 +1,377 @@
+"""Train the Stage-1 tokenizer: the official GAN recipe, under torchrun or alone, resumable step for step.
+
+    python -m stage1_tokenizer.train --config tokenizer-demo data.root=photos/ out_dir=runs/demo
+    torchrun --nproc_per_node 2 -m stage1_tokenizer.train --config tokenizer-tiny data.root=... out_dir=...
+
+One optimizer step (manual optimisation, as the official LightningModule):
+  1. G step: for each micro-batch, reconstruct, loss = L1 + LPIPS + 0.1 GAN + 0.1 entropy + 0.25 commit,
+     backward (DDP syncs gradients on the last micro-batch only); Adam step; EMA update.
+  2. D step: for each micro-batch, hinge loss on D(x) vs D(x_hat.detach()) + LeCAM; backward; Adam step.
+The global batch is fixed by the config; the number of micro-steps adapts to the number of processes.
+
+Outputs in ``out_dir``: config.yaml, metrics.jsonl (+ tb/), images/, step-NNNNNNNN/ checkpoints (the last K),
+and final/: a plain "tokenizer" checkpoint holding the EMA weights, loadable by ``Tokenizer.from_checkpoint``.
+
+Checkpoints hold generator, EMA and discriminator weights in model.safetensors and everything else a
+bit-exact continuation needs in trainer_state.pt: optimizers, schedulers, grad scalers, LeCAM EMAs, step,
+the RNG states and data-loader position of every rank.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from shared import checkpoint as ckpt
+from shared.config import ConfigError, add_config_args, from_args, save_config, to_dict
+from shared.device import DistInfo, autocast, cleanup_distributed, init_distributed
+from shared.rng import rng_state, seed_everything, set_rng_state
+from shared.runlog import RunLogger, get_logger, progress
+from stage1_tokenizer.data import ImageFolderDataset, make_eval_loader, make_train_loader, steps_per_epoch
+from stage1_tokenizer.discriminator import PatchDiscriminator
+from stage1_tokenizer.ema import EMA
+from stage1_tokenizer.losses import FrozenLPIPS, LeCAM, hinge_d_loss, non_saturating_g_loss
+from stage1_tokenizer.metrics import batch_usage, psnr_per_image, to_uint8
+from stage1_tokenizer.tokenizer import Tokenizer
+from stage1_tokenizer.train_config import PRESETS, TrainConfig
+
+CHECKPOINT_KIND = "tokenizer-train"
+log = get_logger("stage1.train")
+
+
+class _GeneratorForward(nn.Module):
+    """Tokenizer forward flattened to a tuple of tensors, so DDP sees plain outputs."""
+
+    def __init__(self, tok: Tokenizer):
+        super().__init__()
+        self.tok = tok
+
+    def forward(self, x: torch.Tensor):
+        rec, q = self.tok(x)
+        return rec, q.entropy_loss, q.per_sample_entropy, q.codebook_entropy, q.commitment, q.indices
+
+
+def lr_factor(step: int, spe: int, milestones, gamma: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then x gamma after each milestone epoch (step decay)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    epoch = step // spe
+    return warm * gamma ** sum(epoch >= m for m in milestones)
+
+
+def _mean_over_ranks(values: Dict[str, float], world: int) -> Dict[str, float]:
+    if world == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def _gather(obj: Any, world: int) -> List[Any]:
+    if world == 1:
+        return [obj]
+    out: List[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.device = info.device
+        self.world = info.world_size
+        if cfg.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+        per_step = cfg.data.micro_batch * self.world
+        if cfg.data.global_batch % per_step:
+            raise ConfigError(f"data.global_batch {cfg.data.global_batch} is not a multiple of micro_batch "
+                              f"{cfg.data.micro_batch} x {self.world} processes")
+        self.accum = cfg.data.global_batch // per_step
+        if not cfg.data.root:
+            raise ConfigError("data.root is required (a folder of images or root/<class>/<image>)")
+        if cfg.data.resolution % cfg.model.downsample_factor:
+            raise ConfigError(f"data.resolution {cfg.data.resolution} is not a multiple of the model's "
+                              f"downsampling factor {cfg.model.downsample_factor}")
+        self.out = Path(cfg.out_dir)
+
+        seed_everything(cfg.seed)  # same initial weights on every rank
+        self.tok = Tokenizer(cfg.model).to(self.device).train()
+        self.disc = PatchDiscriminator(3, cfg.disc.ndf, cfg.disc.n_layers).to(self.device).train()
+        self.ema = EMA(self.tok, cfg.optim.ema_decay)
+        self.lecam = LeCAM(cfg.loss.lecam_decay).to(self.device)
+        self.lpips = None
+        if cfg.loss.perceptual_weight > 0:
+            self.lpips = FrozenLPIPS("vgg", cfg.loss.lpips_weights or None, cfg.loss.lpips_random_trunk).to(self.device)
+
+        o = cfg.optim
+        self.opt_g = torch.optim.Adam(self.tok.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=o.disc_lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+        self.dataset = ImageFolderDataset(Path(cfg.data.root), cfg.data.resolution, train=True, seed=cfg.seed)
+        self.spe = steps_per_epoch(len(self.dataset), cfg.data.global_batch, self.world)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.spe
+        sched = lambda step: lr_factor(step, self.spe, o.lr_milestones, o.lr_gamma, o.warmup_steps)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, sched)
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, sched)
+        fp16 = cfg.precision == "fp16"
+        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
+
+        self.loader = make_train_loader(self.dataset, cfg.data.micro_batch, cfg.data.num_workers, cfg.seed,
+                                        info.rank, self.world, pin_memory=self.device.type == "cuda")
+        self.val_loader = None
+        if cfg.val_every > 0 and cfg.data.val_root:
+            val = ImageFolderDataset(Path(cfg.data.val_root), cfg.data.resolution, train=False)
+            self.val_loader = make_eval_loader(val, batch_size=32, limit=cfg.data.val_images)
+
+        self.g_fwd: nn.Module = _GeneratorForward(self.tok)
+        self.d_fwd: nn.Module = self.disc
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type != "cpu" else None
+            self.g_fwd = DDP(self.g_fwd, device_ids=ids)
+            self.d_fwd = DDP(self.disc, device_ids=ids)
+        self.step = 0
+        self.logger = RunLogger(self.out, info.rank, tensorboard=cfg.tensorboard)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _weights(self) -> Dict[str, torch.Tensor]:
+        sd = {f"generator.{k}": v for k, v in self.tok.state_dict().items()}
+        sd.update({f"ema.{k}": v for k, v in self.ema.weights().items()})
+        sd.update({f"discriminator.{k}": v for k, v in self.disc.state_dict().items()})
+        return sd
+
+    def save(self) -> Optional[Path]:
+        """Every rank contributes its RNG and data position; rank 0 writes the directory atomically."""
+        local = {"rng": rng_state(), "data": self.loader.state_dict()}
+        per_rank = _gather(local, self.world)
+        path = None
+        if self.info.is_main:
+            state = {
+                "step": self.step, "world_size": self.world, "micro_batch": self.cfg.data.micro_batch,
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+                "scaler_g": self.scaler_g.state_dict(), "scaler_d": self.scaler_d.state_dict(),
+                "lecam": {"ema_real": float(self.lecam.ema_real), "ema_fake": float(self.lecam.ema_fake)},
+                "ranks": per_rank,
+            }
+            path = ckpt.step_dir(self.out, self.step)
+            ckpt.save_checkpoint(path, self._weights(), to_dict(self.cfg), kind=CHECKPOINT_KIND,
+                                 trainer_state=state, extra={"step": self.step})
+            ckpt.prune(self.out, self.cfg.keep_last)
+            log.info("saved %s", path)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def find_resume(self) -> Optional[Path]:
+        r = self.cfg.resume
+        if r in ("", "never"):
+            return None
+        if r == "auto":
+            found = ckpt.step_dirs(self.out)
+            return found[-1] if found else None
+        return Path(r)
+
+    def load(self, path: Path) -> None:
+        meta = ckpt.load_meta(path)
+        if meta["kind"] != CHECKPOINT_KIND:
+            raise ckpt.CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, not a training checkpoint")
+        sd = ckpt.load_state_dict(path)
+        part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        ckpt.load_strict(self.tok, part("generator."), f"{path} (generator)")
+        ckpt.load_strict(self.ema.model, part("ema."), f"{path} (ema)")
+        ckpt.load_strict(self.disc, part("discriminator."), f"{path} (discriminator)")
+        st = ckpt.load_trainer_state(path)
+        if st is None:
+            raise ckpt.CheckpointError(f"{path} has no trainer_state.pt")
+        if st["world_size"] != self.world or st["micro_batch"] != self.cfg.data.micro_batch:
+            raise ckpt.CheckpointError(
+                f"{path} was written by {st['world_size']} processes with micro_batch {st['micro_batch']}; exact "
+                f"resume needs the same (now {self.world} x {self.cfg.data.micro_batch})")
+        self.opt_g.load_state_dict(st["opt_g"])
+        self.opt_d.load_state_dict(st["opt_d"])
+        self.sched_g.load_state_dict(st["sched_g"])
+        self.sched_d.load_state_dict(st["sched_d"])
+        self.scaler_g.load_state_dict(st["scaler_g"])
+        self.scaler_d.load_state_dict(st["scaler_d"])
+        self.lecam.ema_real.fill_(st["lecam"]["ema_real"])
+        self.lecam.ema_fake.fill_(st["lecam"]["ema_fake"])
+        mine = st["ranks"][self.info.rank]
+        self.loader.load_state_dict(mine["data"])
+        self._resume_rng = mine["rng"]
+        self.step = int(st["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ one step
+    def _micro_batches(self, it) -> List[torch.Tensor]:
+        return [next(it)["image"].to(self.device, non_blocking=True) for _ in range(self.accum)]
+
+    def _sync(self, module: nn.Module, last: bool):
+        return module.no_sync() if isinstance(module, DDP) and not last else nullcontext()
+
+    def _grad_norm(self, params, clip: float) -> float:
+        params = [p for p in params if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        return float(norm)
+
+    def train_step(self, xs: List[torch.Tensor]) -> Dict[str, float]:
+        cfg, L = self.cfg, self.cfg.loss
+        gan_on = self.step >= L.disc_start
+        stats: Dict[str, float] = {}
+
+        def add(name: str, value: torch.Tensor) -> None:
+            stats[name] = stats.get(name, 0.0) + float(value.detach()) / self.accum
+
+        # ---- generator
+        self.disc.requires_grad_(False)
+        recs, usages, psnrs = [], [], []
+        for i, x in enumerate(xs):
+            with self._sync(self.g_fwd, i == len(xs) - 1):
+                with autocast(self.device, cfg.precision):
+                    rec, ent, h_s, h_c, commit, idx = self.g_fwd(x)
+                    rec = rec.float()
+                    l1 = (x - rec).abs().mean()
+                    lp = self.lpips(x, rec).mean() if self.lpips is not None else rec.new_zeros(())
+                    g_gan = non_saturating_g_loss(self.disc(rec)) if gan_on else rec.new_zeros(())
+                loss = (L.pixel_weight * l1 + L.perceptual_weight * lp + L.gan_weight * g_gan
+                        + L.entropy_weight * ent + L.commitment_weight * commit)
+                self.scaler_g.scale(loss / self.accum).backward()
+            recs.append(rec.detach())
+            add("g/loss", loss); add("g/l1", l1); add("g/lpips", lp); add("g/gan", g_gan)
+            add("g/entropy", ent); add("g/sample_entropy", h_s); add("g/codebook_entropy", h_c); add("g/commit", commit)
+            usages.append(batch_usage(idx, self.tok.bits))
+            psnrs.append(psnr_per_image(to_uint8(x), to_uint8(rec)).mean())
+        self.scaler_g.unscale_(self.opt_g)
+        stats["g/grad_norm"] = self._grad_norm(self.tok.parameters(), cfg.optim.grad_clip)
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        self.opt_g.zero_grad(set_to_none=True)
+        self.ema.update(self.tok)
+        self.disc.requires_grad_(True)
+
+        # ---- discriminator
+        if gan_on:
+            for i, (x, rec) in enumerate(zip(xs, recs)):
+                with self._sync(self.d_fwd, i == len(xs) - 1):
+                    with autocast(self.device, cfg.precision):
+                        real = self.d_fwd(x).float()
+                        fake = self.d_fwd(rec).float()
+                    # LeCAM EMAs follow the mean logits of all ranks, so every rank holds the same EMAs.
+                    means = torch.stack([real.detach().mean(), fake.detach().mean()])
+                    if self.world > 1:
+                        dist.all_reduce(means)
+                        means /= self.world
+                    self.lecam.update(means[0], means[1])
+                    hinge = hinge_d_loss(real, fake)
+                    reg = self.lecam(real, fake)
+                    d_loss = L.disc_weight * (hinge + L.lecam_weight * reg)
+                    self.scaler_d.scale(d_loss / self.accum).backward()
+                add("d/loss", d_loss); add("d/hinge", hinge); add("d/lecam", reg)
+                add("d/logits_real", real.mean()); add("d/logits_fake", fake.mean())
+            self.scaler_d.unscale_(self.opt_d)
+            stats["d/grad_norm"] = self._grad_norm(self.disc.parameters(), cfg.optim.grad_clip)
+            self.scaler_d.step(self.opt_d)
+            self.scaler_d.update()
+            self.opt_d.zero_grad(set_to_none=True)
+        stats["lr/g"] = self.opt_g.param_groups[0]["lr"]
+        stats["lr/d"] = self.opt_d.param_groups[0]["lr"]
+        self.sched_g.step()
+        self.sched_d.step()
+        stats["codebook/batch_usage"] = sum(usages) / len(usages)
+        stats["train/psnr"] = float(sum(psnrs) / len(psnrs))
+        self._last = (xs[0], recs[0])
+        return stats
+
+    # ------------------------------------------------------------------ loop
+    def validate(self) -> Dict[str, float]:
+        from stage1_tokenizer.evaluate import evaluate_tokenizer
+
+        res = evaluate_tokenizer(self.ema.model, self.val_loader, self.device)
+        return {f"val/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
+
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        self._resume_rng = None
+        path = self.find_resume()
+        if path is not None:
+            self.load(path)
+        if self.info.is_main:
+            save_config(cfg, self.out / "config.yaml")
+            log.info("%d images, %d steps/epoch, %d steps total, global batch %d = %d x %d micro x %d ranks, %s",
+                     len(self.dataset), self.spe, self.total_steps, cfg.data.global_batch, cfg.data.micro_batch,
+                     self.accum, self.world, cfg.precision)
+        it = iter(self.loader)
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng)
+        start, done, t0 = self.step, 0, time.time()
+        bar = progress(range(start, self.total_steps), self.info.rank, initial=start, total=self.total_steps,
+                       desc="tokenizer")
+        stats: Dict[str, float] = {}
+        if self.val_loader is not None and self.step == 0:
+            self.logger.scalars(0, self.validate())  # the starting point of the curve
+        for _ in bar:
+            stats = self.train_step(self._micro_batches(it))
+            self.step += 1
+            done += 1
+            stats = _mean_over_ranks(stats, self.world)
+            last = self.step == self.total_steps
+            if self.step % cfg.log_every == 0 or last:
+                stats["time/step_s"] = (time.time() - t0) / done
+                self.logger.scalars(self.step, stats)
+                bar.set_postfix(loss=f"{stats['g/loss']:.3f}", psnr=f"{stats['train/psnr']:.2f}")
+            if self.val_loader is not None and (self.step % cfg.val_every == 0 or last):
+                self.logger.scalars(self.step, self.validate())
+            if cfg.image_every > 0 and (self.step % cfg.image_every == 0 or last):
+                x, rec = self._last
+                n = min(8, x.shape[0])
+                self.logger.images(self.step, "input-vs-recon", torch.cat([x[:n], rec[:n].clamp(-1, 1)]), nrow=n)
+            saved = self.step % cfg.ckpt_every == 0 or last
+            if saved:
+                self.save()
+            if cfg.stop_after > 0 and done >= cfg.stop_after and not last:
+                if not saved:
+                    self.save()
+                log.info("stopping after %d steps (stop_after); resume with the same command", done)
+                break
+        if self.step == self.total_steps and self.info.is_main:
+            self.export(self.out / "final")
+        self.logger.close()
+        return stats
+
+    def export(self, path: Path) -> Path:
+        """The EMA weights as a plain tokenizer checkpoint (what evaluation, dataprep and the demo load)."""
+        self.ema.model.save(path, extra={"step": self.step, "source": "ema", "train_config": to_dict(self.cfg)})
+        log.info("exported EMA tokenizer to %s", path)
+        return path
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stage1_tokenizer.train", description=__doc__.split("\n")[0])
+    add_config_args(parser, default="tokenizer-demo")
+    args = parser.parse_args(argv)
+    try:
+        cfg = from_args(TrainConfig, PRESETS, args)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    info = init_distributed(cfg.device)
+    try:
+        Trainer(cfg, info).fit()
+    except (ConfigError, ckpt.CheckpointError, FileNotFoundError, ValueError) as e:  # bad input: one line
+        raise SystemExit(f"error: {e}")
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

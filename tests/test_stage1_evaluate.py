@@ -1,0 +1,92 @@
+"""Stage-1 evaluation CLI: every metric computed or reported unavailable with its reason."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stage1_tokenizer import evaluate, metrics
+from stage1_tokenizer.config import PRESETS
+from stage1_tokenizer.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for i in range(3):
+            (root / "data" / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / "data" / c / f"{i}.png")
+    torch.manual_seed(0)
+    tok = Tokenizer(PRESETS["tokenizer-tiny"])
+    tok.save(root / "ckpt")
+    return root, tok
+
+
+def test_cli_reports_metrics_and_unavailable_ones(setup, tmp_path, monkeypatch, capsys):
+    root, tok = setup
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    out = tmp_path / "results.json"
+    res = evaluate.main(["--ckpt", str(root / "ckpt"), "--data", str(root / "data"), "--resolution", "16",
+                         "--workers", "0", "--batch-size", "4", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["images"] == 6 and saved["tokens"] == 6 * 8 * 8
+    assert set(saved["unavailable"]) == {"lpips_vgg", "lpips_alex", "rfid"}
+    assert "at least 32 px" in saved["unavailable"]["lpips_alex"]
+    assert "vgg16-397923af.pth" in saved["unavailable"]["lpips_vgg"]
+    table = capsys.readouterr().out
+    assert "psnr" in table and "unavailable" in table
+    # independent recomputation of PSNR / usage from the same checkpoint and crops
+    from stage1_tokenizer.data import ImageFolderDataset
+
+    ds = ImageFolderDataset(root / "data", 16, train=False)
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    idx = tok.encode(x)
+    rec = tok.decode(idx).clamp(-1, 1)
+    a, b = metrics.to_uint8(x), metrics.to_uint8(rec)
+    mse = ((a.double() - b.double()) / 255).pow(2).flatten(1).mean(1)
+    assert saved["psnr"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), abs=1e-4)
+    assert saved["codes_used"] == len(set(idx.flatten().tolist()))
+    assert res["ssim"] == saved["ssim"]
+
+
+def test_required_metric_missing_is_an_error(setup, tmp_path, monkeypatch):
+    root, _ = setup
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    with pytest.raises(SystemExit, match="error: .*InceptionV3"):
+        evaluate.main(["--ckpt", str(root / "ckpt"), "--data", str(root / "data"), "--resolution", "16",
+                       "--require", "rfid"])
+    with pytest.raises(SystemExit, match="error: cannot load tokenizer"):
+        evaluate.main(["--ckpt", str(tmp_path), "--data", str(root / "data"), "--resolution", "16"])
+    with pytest.raises(SystemExit, match="not a multiple"):
+        evaluate.main(["--ckpt", str(root / "ckpt"), "--data", str(root / "data"), "--resolution", "15"])
+
+
+@pytest.mark.slow  # InceptionV3 at 299 px and two LPIPS trunks on CPU
+def test_all_metrics_with_local_weight_files(setup, tmp_path):
+    """LPIPS and rFID through their real loading code, fed with random weights in the expected formats."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from torchvision.models import alexnet
+    from torchvision.models.vgg import cfgs, make_layers
+    from unittest import mock
+
+    root, tok = setup
+    torch.manual_seed(0)
+    vgg = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, vgg)
+    alex = tmp_path / "alex.pth"
+    torch.save({f"features.{k}": v for k, v in alexnet().features.state_dict().items()}, alex)
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        sd = fe.FeatureExtractorInceptionV3("tmp", ["2048"]).state_dict()
+    inc = tmp_path / "inception.pth"
+    torch.save(sd, inc)
+    res = evaluate.main(["--ckpt", str(root / "ckpt"), "--data", str(root / "data"), "--resolution", "32",
+                         "--workers", "0", "--limit", "2", "--inception", str(inc), "--lpips-weights", str(vgg),
+                         "--lpips-alex-weights", str(alex), "--require", "rfid,lpips_vgg,lpips_alex"])
+    assert res["unavailable"] == {}
+    for k in ("psnr", "ssim", "lpips_vgg", "lpips_alex", "rfid", "codebook_usage", "perplexity"):
+        assert np.isfinite(res[k]), k
+    assert res["rfid"] > 0 and res["lpips_vgg"] > 0

@@ -1,0 +1,161 @@
+"""Stage-1 trainer on CPU with tokenizer-tiny: exact resume, export, schedule, config errors, learning."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared.checkpoint import load_meta, load_state_dict, load_trainer_state, step_dirs
+from shared.config import resolve
+from shared.device import init_distributed
+from shared.runlog import read_metrics
+from stage1_tokenizer.tokenizer import Tokenizer
+from stage1_tokenizer.train import Trainer, lr_factor, main
+from stage1_tokenizer.train_config import PRESETS, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A few dozen real photo patches (scikit-image's bundled images), 24 px."""
+    from stage1_tokenizer.data import export_skimage_photos
+
+    root = tmp_path_factory.mktemp("photos")
+    export_skimage_photos(root, tile=96, names=("astronaut", "coffee"))
+    for p in sorted(root.iterdir()):
+        Image.open(p).resize((24, 24), Image.BICUBIC).save(p)
+    return root
+
+
+def _run(out, root, *overrides):
+    cfg = resolve(TrainConfig, PRESETS, "tokenizer-tiny",
+                  [f"data.root={root}", f"out_dir={out}", "max_steps=4", "ckpt_every=2", *overrides])
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    trainer.fit()
+    return trainer
+
+
+def _losses(path):
+    rows = {}
+    for r in read_metrics(path / "metrics.jsonl"):
+        if "g/loss" in r:
+            rows[r["step"]] = (r["g/loss"], r["d/loss"], r["g/l1"], r["d/lecam"])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, photos):
+    """The uninterrupted 4-step reference run (0 workers), shared by the tests below."""
+    out = tmp_path_factory.mktemp("full")
+    return out, _run(out, photos, "data.num_workers=0")
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_interrupted_run_resumes_exactly(tmp_path, photos, full_run, workers):
+    """Cut after 2 of 4 steps, resume: the same losses and weights as the uninterrupted run.
+
+    The reference run used 0 workers; with 2 workers the result must still be identical, because a sample's
+    crop depends only on (seed, epoch, index).
+    """
+    full_dir = full_run[0]
+    w = f"data.num_workers={workers}"
+    _run(tmp_path / "cut", photos, w, "stop_after=2")
+    assert [p.name for p in step_dirs(tmp_path / "cut")] == ["step-00000002"]
+    assert not (tmp_path / "cut" / "final").exists()
+    _run(tmp_path / "cut", photos, w)  # resume=auto picks up step-00000002
+    full, cut = _losses(full_dir), _losses(tmp_path / "cut")
+    assert sorted(full) == sorted(cut) == [1, 2, 3, 4]
+    assert full == cut  # bit-identical losses, step for step
+    a = load_state_dict(full_dir / "step-00000004")
+    b = load_state_dict(tmp_path / "cut" / "step-00000004")
+    assert a.keys() == b.keys() and {k.split(".")[0] for k in a} == {"generator", "ema", "discriminator"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_trainer_state(full_dir / "step-00000004"), load_trainer_state(tmp_path / "cut" / "step-00000004")
+    assert sa["lecam"] == sb["lecam"] and sa["lecam"]["ema_real"] != 0
+    if workers == 0:  # 4 steps x 2 micro-batches drawn from the loader
+        assert sa["ranks"][0]["data"]["_num_yielded"] == sb["ranks"][0]["data"]["_num_yielded"] == 8
+    assert sa["opt_g"]["state"][0]["exp_avg"].equal(sb["opt_g"]["state"][0]["exp_avg"])
+
+
+def test_export_is_the_ema_tokenizer(full_run):
+    out, trainer = full_run
+    assert [p.name for p in step_dirs(out)] == ["step-00000002", "step-00000004"]
+    tok = Tokenizer.from_checkpoint(out / "final")
+    ema = {k[4:]: v for k, v in load_state_dict(out / "step-00000004").items() if k.startswith("ema.")}
+    assert tok.state_dict().keys() == ema.keys()
+    assert all(torch.equal(tok.state_dict()[k], ema[k]) for k in ema)
+    raw = trainer.tok.state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in ema)  # EMA differs from the raw weights
+    assert load_meta(out / "final")["extra"]["source"] == "ema"
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert tok.encode(x).shape == (2, 8, 8)
+    assert (out / "config.yaml").is_file() and list((out / "images").glob("*.png"))
+    row = read_metrics(out / "metrics.jsonl")[-1]
+    for key in ("g/grad_norm", "d/grad_norm", "lr/g", "codebook/batch_usage", "g/codebook_entropy", "train/psnr"):
+        assert np.isfinite(row[key])
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, photos):
+    """global_batch 4 as 2 micro-batches of 2 gives the gradient of one batch of 4.
+
+    Entropy, BatchNorm and the GAN are batch statistics, so they are switched off for this comparison. The
+    gradients are compared through Adam's first moment after one step (exp_avg = (1 - beta1) * grad); the
+    updated weights themselves are not comparable, since Adam's first step is ~lr * sign(grad) and flips
+    on rounding noise wherever a gradient is ~0.
+    """
+    common = ["loss.entropy_weight=0", "loss.gan_weight=0", "loss.disc_start=1000", "loss.perceptual_weight=0",
+              "max_steps=2", "stop_after=1"]
+    a = _run(tmp_path / "acc", photos, "data.micro_batch=2", *common)
+    b = _run(tmp_path / "big", photos, "data.micro_batch=4", *common)
+    assert a.accum == 2 and b.accum == 1
+    names = [n for n, _ in a.tok.named_parameters()]
+    ga = [a.opt_g.state[p]["exp_avg"] for p in a.tok.parameters()]
+    gb = [b.opt_g.state[p]["exp_avg"] for p in b.tok.parameters()]
+    scale = max(g.abs().max() for g in gb)
+    for n, x, y in zip(names, ga, gb):
+        assert torch.allclose(x, y, atol=1e-5 * scale, rtol=1e-4), n
+    assert max((x - y).abs().max() for x, y in zip(ga, gb)) < 1e-5 * scale
+
+
+def test_checkpoints_keep_the_last_k(tmp_path, photos):
+    _run(tmp_path / "k", photos, "ckpt_every=1", "keep_last=2", "max_steps=3", "loss.perceptual_weight=0")
+    assert [p.name for p in step_dirs(tmp_path / "k")] == ["step-00000002", "step-00000003"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps(tmp_path, photos, precision):
+    trainer = _run(tmp_path / precision, photos, f"precision={precision}", "max_steps=2", "stop_after=1")
+    assert trainer.step == 1 and [p.name for p in step_dirs(tmp_path / precision)] == ["step-00000001"]
+    row = read_metrics(tmp_path / precision / "metrics.jsonl")[-1]
+    assert np.isfinite(row["g/loss"]) and np.isfinite(row["d/loss"])
+    st = load_trainer_state(tmp_path / precision / "step-00000001")
+    assert bool(st["scaler_g"]) == (precision == "fp16")  # a GradScaler only for fp16
+
+
+def test_lr_schedule_warmup_and_epoch_milestones():
+    f = lambda s: lr_factor(s, spe=10, milestones=(2, 3), gamma=0.1, warmup=4)
+    assert [f(s) for s in (0, 1, 3)] == pytest.approx([0.25, 0.5, 1.0])
+    assert f(19) == 1.0 and f(20) == pytest.approx(0.1) and f(30) == pytest.approx(0.01)
+
+
+def test_cli_errors_are_one_line(tmp_path, photos):
+    with pytest.raises(SystemExit, match="error: .*data.root is required"):
+        main(["--config", "tokenizer-tiny", f"out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="error: .*global_batch 5 is not a multiple"):
+        main(["--config", "tokenizer-tiny", f"data.root={photos}", "data.global_batch=5", f"out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="error: .*unknown preset"):
+        main(["--config", "nope"])
+    with pytest.raises(SystemExit, match="error: .*no images"):
+        (tmp_path / "empty").mkdir()
+        main(["--config", "tokenizer-tiny", f"data.root={tmp_path / 'empty'}", f"out_dir={tmp_path / 'o'}"])
+
+
+def test_presets_follow_the_official_recipe():
+    big, small = PRESETS["tokenizer-16x-256"], PRESETS["tokenizer-8x-128"]
+    assert big.loss.lecam_weight == 0.05 and small.loss.lecam_weight == 0.01
+    assert big.optim.lr_milestones == (200, 250) and small.optim.lr_milestones == (250, 300)
+    assert (big.epochs, small.epochs) == (270, 350)
+    assert big.model.downsample_factor == 16 and small.model.downsample_factor == 8
+    for cfg in (big, small):
+        assert (cfg.optim.lr, cfg.optim.betas, cfg.data.global_batch) == (1e-4, (0.5, 0.9), 256)
+        assert (cfg.loss.gan_weight, cfg.loss.entropy_weight, cfg.loss.commitment_weight) == (0.1, 0.1, 0.25)
+        assert cfg.loss.disc_start == 0 and cfg.optim.ema_decay == 0.999 and not cfg.loss.lpips_random_trunk
+        assert cfg.data.resolution == cfg.model.resolution
