@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all bench clean-venv
+.PHONY: setup demo test test-all bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)
+
+# The demo command (README): the whole pipeline on Fashion-MNIST, everything under demo-out/.
+DEMO_ARGS ?=
+demo: setup
+	$(PY) scripts/demo.py --out demo-out $(DEMO_ARGS)
 
 # The test command (README): unit + integration tests, the slow multi-process ones included.
 test: setup

@@ -4,7 +4,7 @@ Same weights, same seeds, same settings (CFG on, so the batch is doubled): both 
 same token grids (checked), and the ratio of images/s is printed. Token generation only; decoding with the
 tokenizer costs the same for both and is left out.
 
-    python bench/ar_sample.py [--dim 256 --heads 4 --n-inter 6 --n-intra 2 --grid 16 --batch 4 --threads 2]
+    python bench/ar_sample.py [--dim 256 --heads 4 --n-inter 6 --n-intra 2 --grid 8 --batch 4 --threads 2]
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--n-inter", type=int, default=6)
     ap.add_argument("--n-intra", type=int, default=2)
-    ap.add_argument("--grid", type=int, default=16)
+    ap.add_argument("--grid", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)

@@ -112,7 +112,7 @@ PRESETS: Dict[str, TrainConfig] = {
         data=replace(_BASE.data, resolution=16, global_batch=4, micro_batch=2, num_workers=0, val_images=8),
         ckpt_every=2, keep_last=2, log_every=1, image_every=2, tensorboard=False,
     ),
-    # CPU demo: 32x32 crops, 64 tokens per image, minutes on 2 cores. The perceptual term is off because
+    # CPU demo: 32x32 crops, 16 tokens per image, minutes on 2 cores. The perceptual term is off because
     # no VGG weights exist offline (a random-trunk LPIPS would only add noise); turn it on with real weights.
     "tokenizer-demo": replace(
         _BASE, model=MODEL_PRESETS["tokenizer-demo"], precision="fp32", max_steps=600, out_dir="runs/tokenizer-demo",

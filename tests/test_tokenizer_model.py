@@ -128,10 +128,10 @@ def test_bad_inputs_are_clear_errors(tiny):
         tiny.decode(torch.full((1, 2, 2), 2 ** 18))
 
 
-def test_demo_preset_gives_64_tokens_at_32px():
+def test_demo_preset_gives_16_tokens_at_32px():
     m = Tokenizer(PRESETS["tokenizer-demo"]).eval()
-    assert m.downsample_factor == 4
-    assert m.encode(_images(1, 32, 32)).shape == (1, 8, 8)
+    assert m.downsample_factor == 8
+    assert m.encode(_images(1, 32, 32)).shape == (1, 4, 4)
 
 
 def test_training_forward_returns_losses_and_gradients_reach_the_encoder():
