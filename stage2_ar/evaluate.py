@@ -24,6 +24,7 @@ import torch
 
 from shared import atomic
 from stage2_ar import gen_metrics as gm
+from stage2_ar.sample import parse_floats, per_subtoken
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
@@ -46,15 +47,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--feature-batch", type=int, default=100, help="images per InceptionV3 forward")
     return p.parse_args(argv)
-
-
-def _floats(text: Optional[str], name: str):
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise SystemExit(f"error: --{name} takes comma-separated numbers, got {text!r}") from None
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -111,7 +103,6 @@ def main(argv=None) -> int:
     else:
         from shared.checkpoint import CheckpointError
         from stage2_ar.model import FactorizedAR
-        from stage2_ar.sample import _per_subtoken
 
         try:
             model = FactorizedAR.from_checkpoint(args.ckpt, device=device)
@@ -127,8 +118,8 @@ def main(argv=None) -> int:
         try:
             classes = (list(range(model.cfg.num_classes)) if args.classes is None
                        else [int(c) for c in args.classes.split(",") if c.strip()])
-            scales = _per_subtoken(_floats(args.cfg, "cfg"), m, "--cfg", model.cfg.cfg_scales or 1.0)
-            temps = _per_subtoken(_floats(args.temperature, "temperature"), m, "--temperature",
+            scales = per_subtoken(parse_floats(args.cfg, "cfg"), m, "--cfg", model.cfg.cfg_scales or 1.0)
+            temps = per_subtoken(parse_floats(args.temperature, "temperature"), m, "--temperature",
                                   model.cfg.temperatures or 1.0)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None

@@ -27,7 +27,7 @@ from stage2_ar.model import FactorizedAR
 Number = Union[int, float]
 
 
-def _per_subtoken(value, m: int, name: str, default) -> Tuple:
+def per_subtoken(value, m: int, name: str, default) -> Tuple:
     if value is None or (isinstance(value, (tuple, list)) and len(value) == 0):
         value = default
     if isinstance(value, (int, float)):
@@ -110,10 +110,10 @@ def generate(
     """
     cfg = model.cfg
     M, T = len(cfg.bits), cfg.num_tokens
-    scales = _per_subtoken(cfg_scales, M, "cfg_scales", cfg.cfg_scales or 1.0)
-    temps = _per_subtoken(temperatures, M, "temperatures", cfg.temperatures or 1.0)
-    ks = _per_subtoken(top_k, M, "top_k", 0)
-    ps = _per_subtoken(top_p, M, "top_p", 1.0)
+    scales = per_subtoken(cfg_scales, M, "cfg_scales", cfg.cfg_scales or 1.0)
+    temps = per_subtoken(temperatures, M, "temperatures", cfg.temperatures or 1.0)
+    ks = per_subtoken(top_k, M, "top_k", 0)
+    ps = per_subtoken(top_p, M, "top_p", 1.0)
     guided = any(float(s) != 1.0 for s in scales) if guidance is None else bool(guidance)
 
     was_training = model.training
@@ -190,7 +190,8 @@ def image_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def _floats(text: Optional[str], name: str):
+def parse_floats(text: Optional[str], name: str):
+    """A CLI value like '1.9,2.0' as a tuple of floats (None stays None); bad text exits with one line."""
     if text is None:
         return None
     try:
@@ -252,8 +253,8 @@ def main(argv=None) -> int:
     if bad:
         raise SystemExit(f"error: classes {bad} outside [0, {model.cfg.num_classes})")
     try:
-        scales = _per_subtoken(_floats(args.cfg, "cfg"), len(model.cfg.bits), "--cfg", model.cfg.cfg_scales or 1.0)
-        temps = _per_subtoken(_floats(args.temperature, "temperature"), len(model.cfg.bits), "--temperature",
+        scales = per_subtoken(parse_floats(args.cfg, "cfg"), len(model.cfg.bits), "--cfg", model.cfg.cfg_scales or 1.0)
+        temps = per_subtoken(parse_floats(args.temperature, "temperature"), len(model.cfg.bits), "--temperature",
                               model.cfg.temperatures or 1.0)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

@@ -8,30 +8,20 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture
-def repo_root():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def free_port():
-    """A TCP port on loopback that was free a moment ago (for torchrun / ray head in tests)."""
-    return _free_port()
-
-
-@pytest.fixture
-def torchrun_cmd(free_port):
+def torchrun_cmd():
     """argv prefix for a 2-process CPU torchrun on loopback: append the script and its arguments."""
     import sys
 
+    from free_port import free_port
+
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={free_port}"]
+            f"--master_port={free_port()}"]
+
+
+@pytest.fixture
+def one_thread():
+    """For files of tiny models: a second thread only adds contention on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,7 +1,6 @@
 """LFQ: quantization, bit order, and the exact entropy terms against a brute-force full softmax over 2^K codes."""
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 from shared.tokens import bits_to_index, index_to_bits
 from stage1_tokenizer import lfq as lfq_module
 from stage1_tokenizer.lfq import LFQ, codebook_distribution, entropy_terms, sign_quantize
+from free_port import free_port
 
 TAU = 0.01
 
@@ -139,12 +139,6 @@ def test_bad_input_shape_is_a_clear_error():
 
 # --- global codebook entropy across ranks: 2 gloo processes vs one process holding the whole batch ----------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank, world, port, z_all, queue):
     import torch.distributed as dist
 
@@ -171,7 +165,7 @@ def test_global_codebook_entropy_over_ranks_equals_single_process():
     g_ref, = torch.autograd.grad(h_ref, ref)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, z_all, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -8,6 +8,7 @@ import torch
 from shared.checkpoint import load_state_dict, load_trainer_state
 from shared.runlog import read_metrics
 from stage1_tokenizer.tokenizer import Tokenizer
+from free_port import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +24,6 @@ def photos(tmp_path_factory):
     for p in sorted(root.iterdir()):
         Image.open(p).resize((20, 20), Image.BICUBIC).save(p)
     return root
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(torchrun_cmd, out, root, *overrides):
@@ -53,7 +46,7 @@ def test_two_process_run_resumes_exactly(tmp_path, photos, torchrun_cmd):
     Tokenizer.from_checkpoint(tmp_path / "full" / "final")
 
     _torchrun(torchrun_cmd, tmp_path / "cut", photos, "stop_after=2")
-    _torchrun(torchrun_cmd[:-1] + [f"--master_port={_free_port()}"], tmp_path / "cut", photos)
+    _torchrun(torchrun_cmd[:-1] + [f"--master_port={free_port()}"], tmp_path / "cut", photos)
     assert _losses(tmp_path / "full") == _losses(tmp_path / "cut")
     a, b = load_state_dict(tmp_path / "full" / "step-00000004"), load_state_dict(tmp_path / "cut" / "step-00000004")
     assert all(torch.equal(a[k], b[k]) for k in a)

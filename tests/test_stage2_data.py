@@ -5,7 +5,6 @@ the decode (unpack + sub-token split) is checked against the array the shards we
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import torch
 from shared.tokens import join_index
 from stage2_ar.data import ManifestError, TokenLayout, build_loader, check_manifest, read_manifest
 from stage2_ar.shard_writer import write_manifest, write_split
+from free_port import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 N, GRID, CLASSES = 96, (4, 4), 10
@@ -120,17 +120,11 @@ def _wait(procs, timeout=120):
         assert p.returncode == 0, out[-3000:]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_two_workers_cover_epoch_exactly_once(dataset, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",

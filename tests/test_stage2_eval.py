@@ -15,13 +15,7 @@ from stage2_ar import evaluate as ev
 from stage2_ar import gen_metrics as gm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds contention on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_features(dim=16, classes=10, seed=0):

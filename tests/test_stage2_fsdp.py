@@ -1,6 +1,5 @@
 """FSDP (per-block sharding, the large presets' mode) on 2 CPU ranks: same steps as one device, exact resume."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +13,13 @@ from shared.config import resolve
 from stage2_ar.shard_writer import write_manifest, write_split
 from stage2_ar.train import train
 from stage2_ar.train_config import PRESETS, TrainConfig
+from free_port import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(args):
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
         env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",

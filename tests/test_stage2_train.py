@@ -1,7 +1,6 @@
 """Stage-2 trainer: LR schedule, decay groups, accumulation, exact resume, world-size-independent batches."""
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,18 +20,13 @@ from stage2_ar.model import FactorizedAR
 from stage2_ar.shard_writer import write_manifest, write_split
 from stage2_ar.train import accumulation_steps, param_groups
 from stage2_ar.train_config import PRESETS, TrainConfig
+from free_port import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LN_VOCAB = math.log(64) + math.log(4096)  # 12.4766: loss of the zero-initialised heads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds contention on a busy 2-core machine (20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lr_schedule_shape():
@@ -201,12 +195,6 @@ def test_loss_drops_and_samples_are_written(shards, tmp_path):
     assert w > 2 * 32 and h > 8 * 32  # 2 per class in a row, 8 classes, 4x4 tokens drawn at 8 px
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_global_batch_is_independent_of_world_size(shards, tmp_path):
     """1 device x 4 micro-batches and 2 DDP devices x 2 micro-batches make the same optimiser steps.
@@ -216,7 +204,7 @@ def test_global_batch_is_independent_of_world_size(shards, tmp_path):
     common = [f"data.path={shards}", "data.clean_stale_shm=false", "schedule.max_steps=3", "schedule.warmup_steps=1",
               "data.micro_batch=4", "data.num_canonical_nodes=2", "ckpt_every=100", "model.class_dropout=0.0",
               "model.embed_dropout=0.0", "model.resid_dropout=0.0", "optim.lr=3e-3"]
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
