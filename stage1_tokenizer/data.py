@@ -182,11 +182,14 @@ def make_train_loader(dataset: ImageFolderDataset, batch_size: int, num_workers:
     """A StatefulDataLoader over endless epochs; its state_dict() is the exact data position."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
+    from shared.preemption import worker_ignores_signals
+
     sampler = EpochSampler(len(dataset), seed=seed, shuffle=True, rank=rank, world_size=world_size)
     return StatefulDataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
         drop_last=True, pin_memory=pin_memory, persistent_workers=False,
         multiprocessing_context="fork" if num_workers > 0 else None,
+        worker_init_fn=worker_ignores_signals,  # preemption signals are the trainer's to handle
     )
 
 

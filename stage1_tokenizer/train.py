@@ -12,6 +12,10 @@ The global batch is fixed by the config; the number of micro-steps adapts to the
 Outputs in ``out_dir``: config.yaml, metrics.jsonl (+ tb/), images/, step-NNNNNNNN/ checkpoints (the last K),
 and final/: a plain "tokenizer" checkpoint holding the EMA weights, loadable by ``Tokenizer.from_checkpoint``.
 
+SIGTERM / SIGINT (preemption, time limits, Ctrl-C): the optimizer step in progress finishes, a checkpoint of
+that step is written exactly as a periodic one, and the process exits with status 128 + signal (143 for
+SIGTERM); all ranks stop after the same step. Re-running the same command resumes exactly.
+
 Checkpoints hold generator, EMA and discriminator weights in model.safetensors and everything else a
 bit-exact continuation needs in trainer_state.pt: optimizers, schedulers, grad scalers, LeCAM EMAs, step,
 the RNG states and data-loader position of every rank.
@@ -34,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from shared import checkpoint as ckpt
 from shared.config import ConfigError, add_config_args, from_args, save_config, to_dict
 from shared.device import DistInfo, autocast, cleanup_distributed, init_distributed
+from shared.preemption import Preemption, release_workers
 from shared.rng import rng_state, seed_everything, set_rng_state
 from shared.runlog import RunLogger, get_logger, progress
 from stage1_tokenizer.data import ImageFolderDataset, make_eval_loader, make_train_loader, steps_per_epoch
@@ -140,6 +145,7 @@ class Trainer:
             self.g_fwd = DDP(self.g_fwd, device_ids=ids)
             self.d_fwd = DDP(self.disc, device_ids=ids)
         self.step = 0
+        self.preempted = 0  # after fit(): the exit status of a stop on SIGTERM/SIGINT (128 + signal), else 0
         self.logger = RunLogger(self.out, info.rank, tensorboard=cfg.tensorboard)
 
     # ------------------------------------------------------------------ checkpoints
@@ -299,6 +305,15 @@ class Trainer:
         return {f"val/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
 
     def fit(self) -> Dict[str, Any]:
+        with Preemption() as stop:
+            try:
+                stats = self._fit(stop)
+            finally:
+                release_workers(self.loader)  # its workers ignore SIGTERM: stop them here, not at exit
+        self.preempted = stop.exit_code
+        return stats
+
+    def _fit(self, stop: Preemption) -> Dict[str, Any]:
         cfg = self.cfg
         self._resume_rng = None
         path = self.find_resume()
@@ -337,7 +352,15 @@ class Trainer:
             saved = self.step % cfg.ckpt_every == 0 or last
             if saved:
                 self.save()
-            if cfg.stop_after > 0 and done >= cfg.stop_after and not last:
+            if last:
+                break
+            if stop.should_stop(self.info):  # every step, on every rank: all stop after the same step
+                if not saved:
+                    self.save()
+                log.warning("preempted (%s): stopped after step %d with a checkpoint; resume with the same command",
+                            stop.signal_name, self.step)
+                break
+            if cfg.stop_after > 0 and done >= cfg.stop_after:
                 if not saved:
                     self.save()
                 log.info("stopping after %d steps (stop_after); resume with the same command", done)
@@ -354,7 +377,8 @@ class Trainer:
         return path
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> int:
+    """0 when the run ended or stopped as asked; 128 + signal (143: SIGTERM) when it was preempted."""
     parser = argparse.ArgumentParser(prog="python -m stage1_tokenizer.train", description=__doc__.split("\n")[0])
     add_config_args(parser, default="tokenizer-demo")
     args = parser.parse_args(argv)
@@ -366,7 +390,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
     try:
-        Trainer(cfg, info).fit()
+        trainer = Trainer(cfg, info)
+        trainer.fit()
+        return trainer.preempted
     except (ConfigError, ckpt.CheckpointError, FileNotFoundError, ValueError) as e:  # bad input: one line
         raise SystemExit(f"error: {e}")
     finally:
@@ -374,4 +400,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

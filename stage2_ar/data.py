@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
+from shared.preemption import worker_ignores_signals
+
 from shared.tokens import split_index, unpack_tokens
 
 MANIFEST = "manifest.json"
@@ -176,6 +178,7 @@ def build_loader(dataset: str, *, split: str, batch_size: int, layout: TokenLayo
                       shuffle=shuffle, shuffle_seed=shuffle_seed, num_canonical_nodes=num_canonical_nodes, **kwargs)
     return TokenLoader(ds, batch_size=batch_size, num_workers=num_workers, drop_last=True,
                                pin_memory=pin_memory, persistent_workers=False,
+                               worker_init_fn=worker_ignores_signals,  # preemption is the trainer's to handle
                                generator=generator if generator is not None else torch.Generator().manual_seed(0))
 
 

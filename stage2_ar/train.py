@@ -8,6 +8,10 @@ One optimiser step sees ``data.global_batch`` images whatever the number of devi
 only on the last one). Checkpoints (``out_dir/step-NNNNNNNN``) hold the weights, optimiser, scheduler, step,
 every rank's RNG and the data-loader position, so an interrupted run resumed with ``resume=auto`` continues
 exactly as if it had never stopped (tested on CPU).
+
+SIGTERM / SIGINT (preemption, time limits, Ctrl-C): the optimiser step in progress finishes, a checkpoint of
+that step is written exactly as a periodic one, and the process exits with status 128 + signal (143 for
+SIGTERM); all ranks stop after the same step.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch.nn as nn
 from shared import checkpoint as ckpt
 from shared.config import ConfigError, add_config_args, from_args, save_config, to_dict
 from shared.device import DistInfo, autocast, cleanup_distributed, init_distributed
+from shared.preemption import Preemption
 from shared.rng import rng_state, seed_everything, set_rng_state
 from shared.runlog import RunLogger, get_logger, progress
 from stage2_ar import data as sdata
@@ -215,7 +220,13 @@ def evaluate_loss(wrapped: nn.Module, loader, cfg: TrainConfig, info: DistInfo) 
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Run (or resume) training; returns a summary (final step, last logged loss, checkpoint path)."""
+    """Run (or resume) training; returns a summary (final step, last logged loss, checkpoint path, and
+    ``preempted``: 0, or the exit status 128 + signal when SIGTERM/SIGINT stopped it with a checkpoint)."""
+    with Preemption() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: Preemption) -> Dict[str, Any]:
     if not cfg.data.path:
         raise ConfigError("data.path is required (a token dataset directory or a remote URI)")
     info = init_distributed(cfg.device)
@@ -330,11 +341,21 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                     log.warning("sample grids are skipped under FSDP; sample from a checkpoint instead")
                 elif info.is_main:
                     logger.images(step, "samples", sample_images(model, cfg, tokenizer), nrow=cfg.sample_per_class)
-            if step % cfg.ckpt_every == 0 or step == end:
+            saved = step % cfg.ckpt_every == 0 or step == end
+            if saved:
                 save_training_checkpoint(ckpt.step_dir(out, step), model, wrapped, opt, sched, step, loader, cfg, info)
+            if step < end and stop.should_stop(info):  # every step, on every rank: all stop after the same step
+                if not saved:
+                    save_training_checkpoint(ckpt.step_dir(out, step), model, wrapped, opt, sched, step, loader,
+                                             cfg, info)
+                log.warning("preempted (%s): stopped after step %d with a checkpoint; resume with the same command",
+                            stop.signal_name, step)
+                break
+        batches.close()  # drops the loader iterator, which shuts down its workers (they ignore SIGTERM)
         logger.close()
         final = ckpt.step_dir(out, step)
-        return {"step": step, "total_steps": total, "last": last, "checkpoint": str(final)}
+        return {"step": step, "total_steps": total, "last": last, "checkpoint": str(final),
+                "preempted": stop.exit_code}
     finally:
         cleanup_distributed()
 
@@ -349,6 +370,8 @@ def main(argv=None) -> int:
         summary = train(cfg)
     except (ConfigError, sdata.ManifestError, ckpt.CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+    if summary["preempted"]:
+        return summary["preempted"]
     log.info("done: step %d, %s", summary["step"], summary["last"])
     return 0
 
