@@ -25,3 +25,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """A few dozen real photo patches (scikit-image's bundled images), 24 px, for the tokenizer trainer."""
+    from PIL import Image
+
+    from stage1_tokenizer.data import export_skimage_photos
+
+    root = tmp_path_factory.mktemp("photos")
+    export_skimage_photos(root, tile=96, names=("astronaut", "coffee"))
+    for p in sorted(root.iterdir()):
+        Image.open(p).resize((24, 24), Image.BICUBIC).save(p)
+    return root

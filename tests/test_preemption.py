@@ -131,19 +131,6 @@ def _same_weights(a: Path, b: Path):
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    from PIL import Image
-
-    from stage1_tokenizer.data import export_skimage_photos
-
-    root = tmp_path_factory.mktemp("photos")
-    export_skimage_photos(root, tile=96, names=("astronaut", "coffee"))
-    for p in sorted(root.iterdir()):
-        Image.open(p).resize((24, 24), Image.BICUBIC).save(p)
-    return root
-
-
 @pytest.mark.usefixtures("one_thread")  # the same thread count as the subprocess: bit-identical sums
 def test_stage1_sigterm_checkpoints_and_resumes_exactly(tmp_path, photos):
     from stage1_tokenizer.train import Trainer

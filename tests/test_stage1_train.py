@@ -13,18 +13,6 @@ from stage1_tokenizer.train import Trainer, lr_factor, main
 from stage1_tokenizer.train_config import PRESETS, TrainConfig
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """A few dozen real photo patches (scikit-image's bundled images), 24 px."""
-    from stage1_tokenizer.data import export_skimage_photos
-
-    root = tmp_path_factory.mktemp("photos")
-    export_skimage_photos(root, tile=96, names=("astronaut", "coffee"))
-    for p in sorted(root.iterdir()):
-        Image.open(p).resize((24, 24), Image.BICUBIC).save(p)
-    return root
-
-
 def _run(out, root, *overrides):
     cfg = resolve(TrainConfig, PRESETS, "tokenizer-tiny",
                   [f"data.root={root}", f"out_dir={out}", "max_steps=4", "ckpt_every=2", *overrides])
