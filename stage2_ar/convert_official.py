@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from shared.checkpoint import CheckpointError, load_legacy, load_strict
+from stage1_tokenizer.convert_official import state_dict_of
 from stage2_ar.config import PRESETS, ARConfig
 from stage2_ar.model import FactorizedAR
 
@@ -123,13 +124,6 @@ def convert_ar_state(sd: Mapping[str, Tensor], cfg: ARConfig, prefix: str = AR_P
     return out
 
 
-def _state_dict_of(obj: object) -> Mapping[str, Tensor]:
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise CheckpointError("not an official checkpoint: no dict of tensors (under 'state_dict')")
-    return sd
-
-
 def convert(path, out_dir, *, grid=(16, 16), head_dim: int = 64, tokenizer_weights: str = "raw",
             tokenizer_preset: Optional[str] = None, skip_tokenizer: bool = False) -> Dict[str, Path]:
     """Convert one official AR file; returns {'ar': dir, 'tokenizer': dir (unless skipped)}.
@@ -137,7 +131,7 @@ def convert(path, out_dir, *, grid=(16, 16), head_dim: int = 64, tokenizer_weigh
     ``tokenizer_preset`` names the Stage-1 preset to load the tokenizer half into; by default it is inferred
     from the shapes (GroupNorm groups cannot be seen in them: 32, the official value, is assumed).
     """
-    sd = _state_dict_of(load_legacy(path))
+    sd = state_dict_of(load_legacy(path))
     foreign = sorted(k for k in sd if not k.startswith((AR_PREFIX, TOKENIZER_PREFIX)))
     if foreign:
         raise CheckpointError(f"{len(foreign)} tensors belong to neither half (e.g. {', '.join(foreign[:3])})")

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from shared.checkpoint import load_meta, load_state_dict, load_trainer_state, step_dirs
 from shared.config import resolve
