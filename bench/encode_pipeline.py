@@ -35,13 +35,15 @@ BEGIN, END = "<!-- bench:encode_pipeline:begin -->", "<!-- bench:encode_pipeline
 
 def loop_baseline(tok, listing, data, resolution, views, batch, chunk):
     """The plain loop: same groups (batch composition) as the job, one process, no Ray."""
-    from dataprep import images, manifest
+    from dataprep import images
+    from dataprep.listing import chunk_ranges, groups
+    from shared.token_dataset import row_id
     from shared.tokens import pack_tokens
 
     out = {}
     t0 = time.perf_counter()
-    for lo, hi in manifest.chunk_ranges(len(listing.items), chunk):
-        for group in manifest.groups(listing.items[lo:hi], batch):
+    for lo, hi in chunk_ranges(len(listing.items), chunk):
+        for group in groups(listing.items[lo:hi], batch):
             ok, crops = [], []
             for it in group:
                 try:
@@ -54,27 +56,28 @@ def loop_baseline(tok, listing, data, resolution, views, batch, chunk):
             t = tok.encode(images.to_model_input(np.concatenate(crops))).reshape(len(ok) * len(views), -1)
             for i, it in enumerate(ok):
                 for v in range(len(views)):
-                    out[manifest.row_id("train", it.index, v)] = pack_tokens(t[i * len(views) + v]).tobytes()
+                    out[row_id("train", it.index, v)] = pack_tokens(t[i * len(views) + v]).tobytes()
     return time.perf_counter() - t0, out
 
 
 def worst_case_bytes(tmp: Path, rows: int, grid=(16, 16)):
     """Bytes/token of both stores for uniformly random 18-bit tokens (nothing to compress)."""
-    from dataprep import encode, manifest, state, writers
+    from dataprep import encode, state
     from dataprep.reader import TokenDataset
-    from shared.tokens import pack_tokens, packed_nbytes
+    from shared import token_dataset as td
+    from shared.tokens import pack_tokens
 
     rng = np.random.default_rng(0)
     root = tmp / "uniform"
     root.mkdir()
-    settings = {"format": state.FORMAT, "version": state.VERSION, "grid": list(grid), "bits_per_token": 18,
+    settings = {"format": td.FORMAT, "version": td.VERSION, "grid": list(grid), "bits_per_token": 18,
                 "bit_order": "little-endian-channel", "subtoken_bits": [6, 12], "classes": [str(i) for i in range(1000)],
                 "resolution": 256, "views": ["center", "flip"], "precision": "fp32",
                 "tokenizer": {"preset": "uniform-random", "config": {}, "checkpoint_sha256": "0" * 64}}
     st = state.State.new(root, settings)
     st.start_split("train", {"num_images": rows // 2})
     n = grid[0] * grid[1]
-    schema = writers.lance_schema(packed_nbytes(n, 18), settings)
+    schema = td.lance_schema(td.Packing(18, n), settings)
     synsets = sorted({f"n{rng.integers(10**7, 10**8):08d}" for _ in range(1000)})[:100]
     per_class = -(-rows // 2 // len(synsets))
     recs = []
@@ -82,11 +85,11 @@ def worst_case_bytes(tmp: Path, rows: int, grid=(16, 16)):
         img = i // 2
         label = img // per_class
         s, number = synsets[label], 1 + (img % per_class) * 7 + int(rng.integers(0, 7))
-        recs.append({"index": img, "id": manifest.row_id("train", img, i % 2), "label": label,
+        recs.append({"index": img, "id": td.row_id("train", img, i % 2), "label": label,
                      "path": f"train/{s}/{s}_{number}.JPEG", "view": i % 2, "error": "",
                      "tokens": pack_tokens(rng.integers(0, 1 << 18, n)).tobytes()})
     for c, lo in enumerate(range(0, rows, 8192)):
-        encode.commit_chunk(root, st, "train", c, recs[lo:lo + 8192], len(recs[lo:lo + 8192]) // 2, schema, c)
+        encode.commit_chunk(root, st, "train", c, recs[lo:lo + 8192], len(recs[lo:lo + 8192]) // 2, schema)
     encode.finalize(root, st, "train")
     return TokenDataset(root).bytes_per_token()
 
@@ -104,8 +107,9 @@ def main() -> int:
     p.add_argument("--write-docs", action="store_true", help=f"write the results into {DOC.name}")
     args = p.parse_args()
 
-    from dataprep import encode, images, manifest, samples
+    from dataprep import encode, images, listing as ls
     from dataprep.reader import TokenDataset
+    from dataprep.sample_images import image_folder
     from stage1_tokenizer.config import PRESETS
     from stage1_tokenizer.tokenizer import Tokenizer
 
@@ -114,11 +118,11 @@ def main() -> int:
     try:
         data = tmp / "data"
         per_class = -(-args.images // 4)
-        samples.image_folder(data, classes=4, per_class=per_class)
+        image_folder(data, classes=4, per_class=per_class)
         torch.manual_seed(0)
         Tokenizer(PRESETS[args.preset]).save(tmp / "ckpt")
         tok = Tokenizer.from_checkpoint(tmp / "ckpt")
-        listing = manifest.scan_folder(data, "train")
+        listing = ls.scan_folder(data, "train")
         views = images.expand_views("center,flip")
         n = len(listing.items)
         loop_s, loop_tokens = loop_baseline(tok, listing, data, args.resolution, views, args.batch_size,

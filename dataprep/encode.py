@@ -2,37 +2,48 @@
 
     python dataprep/encode.py --data ROOT --split train --tokenizer CKPT --out DATASET --resolution 256
     python -m dataprep.encode  ... (same arguments)
-    ray job submit --working-dir . -- python dataprep/encode.py ... (against a running cluster)
+    ray job submit --working-dir . -- "$PWD/.venv/bin/python" dataprep/encode.py ... (a running cluster)
 
-Work is cut into chunks of --chunk-size images. A chunk is committed by writing its MDS sub-directory,
-appending its rows to the Lance table and then recording it in state.json (atomically, last). Running
-the same command again after a crash drops whatever was not recorded and finishes the rest; on a
-finished split it does nothing. Other settings or another tokenizer on an existing dataset are refused.
+Everything a user gives is checked before anything is written and before Ray starts: the arguments, the
+input listing, and the tokenizer, which is loaded here once. Work is cut into chunks of --chunk-size
+images. A chunk is committed by writing its MDS sub-directory, appending its rows to the Lance table and
+then recording it, with its checksums, in state.json (atomically, last). Running the same command again
+after a crash drops whatever was not recorded and finishes the rest; on a finished split it only redoes
+the end-of-split clean-up (idempotent). Other settings or another tokenizer on an existing dataset are
+refused. One job writes a dataset at a time (a lock on DATASET/.lock). The dataset format itself
+(manifest, columns, packing, checksums) is ``shared.token_dataset``'s.
+
+Internal, for tests only: ``--_crash-at K:POINT`` (hidden from --help) makes the job exit hard with
+status 17 (``os._exit``: no cleanup, like a kill) right after step POINT (mds, lance or state) of the
+K-th chunk this run commits, or, with POINT ``complete`` (K = 1), right after the split is recorded
+complete and before its manifest and clean-up; the kill-and-resume tests use it to stop a real run.
 """
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a file: Python put dataprep/ first on sys.path, where inspect.py would shadow the standard
-    # library module for every later import (torch, ray). Swap it for the repository root, which also
-    # makes the packages importable here and in Ray workers (they inherit the driver's sys.path).
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
 
 import argparse
 import logging
 import os
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from dataprep import manifest as mf
-from dataprep import state as st
-from dataprep import writers as wr
-from dataprep.images import expand_views
-from shared import atomic
+try:
+    from dataprep import cli
+    from dataprep import listing as ls
+    from dataprep import state as st
+    from dataprep import stores
+    from dataprep.images import expand_views
+    from shared import atomic
+    from shared import token_dataset as td
+except ImportError as _e:
+    if __name__ != "__main__":
+        raise
+    # Typically `python` of a Ray head's PATH that is not the project's environment (ray job submit).
+    sys.exit(f"error: {sys.executable} cannot import {_e.name}: run dataprep with the Python the project is "
+             "installed in (make setup), e.g. .venv/bin/python dataprep/encode.py, or under ray job submit "
+             "-- \"$PWD/.venv/bin/python\" dataprep/encode.py")
 
 
 def _logger() -> logging.Logger:
@@ -48,45 +59,99 @@ def _logger() -> logging.Logger:
 
 
 log = _logger()
-CRASH_ENV = "DATAPREP_CRASH"  # test hook "K:point": exit hard while committing the K-th chunk of this run
-CRASH_POINTS = ("mds", "lance", "state")
+CRASH_EXIT = 17
+
+
+@dataclass(frozen=True)
+class CrashPoint:
+    """Internal test hook (see the module doc): exit hard after step ``point`` of this run's ``chunk``-th
+    commit, or (``complete``) once the split is recorded complete."""
+
+    chunk: int  # 1-based, counting the chunks this run commits (not the chunk numbers)
+    point: str
+
+    POINTS = ("mds", "lance", "state", "complete")
+
+    @classmethod
+    def parse(cls, spec: str) -> "CrashPoint":
+        k, _, point = spec.partition(":")
+        if not k.isdigit() or int(k) < 1 or point not in cls.POINTS or (point == "complete" and int(k) != 1):
+            raise argparse.ArgumentTypeError(f"expected K:POINT with K >= 1 and POINT one of {', '.join(cls.POINTS)} "
+                                             f"(K = 1 for complete), got {spec!r}")
+        return cls(int(k), point)
+
+
+def _crash(point: str) -> None:
+    sys.stderr.write(f"--_crash-at: exiting hard after '{point}'\n")
+    sys.stderr.flush()
+    os._exit(CRASH_EXIT)
+
+
+def _split_name(text: str) -> str:
+    try:
+        return td.check_split_name(text)
+    except td.ManifestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _code_version(text: str) -> str:
+    if not text or len(text) > 80 or not text.isprintable() or " " in text:
+        raise argparse.ArgumentTypeError(f"expected a commit or the output of git describe, got {text!r}")
+    return text
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="image root: ROOT/<split>/<class>/<image>, or the base of --file-list paths")
-    p.add_argument("--file-list", help="TSV of path<TAB>label (paths relative to --data, or absolute)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--file-list", help="TSV of path<TAB>label (paths relative to --data, or absolute), UTF-8")
+    p.add_argument("--split", default="train", type=_split_name, help="letters, digits, '_', '.', '-'")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
     p.add_argument("--out", required=True, help="dataset directory")
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=cli.positive_int, default=256)
     p.add_argument("--views", default="center,flip", help="comma list of center, flip, tencrop")
-    p.add_argument("--batch-size", type=int, default=32, help="images per tokenizer forward (x views crops)")
-    p.add_argument("--chunk-size", type=int, default=4096, help="images per commit")
-    p.add_argument("--actors", type=int, default=1, help="tokenizer actors")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--cpus-per-actor", type=float, default=None,
-                   help="default 1 with GPUs, else 0.5 (fractional: leaves CPUs to the decode tasks)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32,
+                   help="images per tokenizer forward (x views crops)")
+    p.add_argument("--chunk-size", type=cli.positive_int, default=4096, help="images per commit")
+    p.add_argument("--actors", type=cli.positive_int, default=1, help="tokenizer actors")
+    p.add_argument("--gpus-per-actor", type=cli.non_negative_float, default=0.0,
+                   help="accelerators per actor: the cluster's GPUs, or its Ascend NPUs when it has no GPU")
+    p.add_argument("--cpus-per-actor", type=cli.non_negative_float, default=None,
+                   help="default 1 with accelerators, else 0.5 (fractional: leaves CPUs to the decode tasks)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder in every actor (same tokens; compiles once per actor)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 is faster on GPUs but may flip bits whose latent is near 0")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--object-store-mb", type=int, help="object store of the local Ray instance")
+    p.add_argument("--num-cpus", type=cli.positive_int, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--object-store-mb", type=cli.positive_int, help="object store of the local Ray instance")
+    p.add_argument("--code-version", type=_code_version,
+                   help="the code's commit, recorded in the manifest (default: read from .git beside the code); "
+                        "give it under ray job submit, whose upload leaves .git out: "
+                        "--code-version \"$(git describe --always --dirty)\"")
+    p.add_argument("--_crash-at", dest="crash_at", type=CrashPoint.parse, help=argparse.SUPPRESS)  # tests only
     return p.parse_args(argv)
 
 
-def tokenizer_provenance(ckpt: Path) -> Dict[str, Any]:
+def load_tokenizer(ckpt: Path) -> Dict[str, Any]:
+    """Load the tokenizer once here, in the driver, before anything is written or Ray starts, so that a
+    checkpoint that cannot be used (weights missing or truncated, another kind, a config this code cannot
+    build) is one line now rather than a failure in every actor. Returns its provenance."""
     from shared.checkpoint import CheckpointError, load_meta
+    from shared.config import ConfigError
+    from stage1_tokenizer.tokenizer import Tokenizer
 
+    if not ckpt.is_dir():
+        raise SystemExit(f"error: --tokenizer {ckpt} is not a checkpoint directory")
     try:
         meta = load_meta(ckpt)
-    except (CheckpointError, OSError, ValueError) as e:
-        raise SystemExit(f"error: --tokenizer {ckpt}: {e}")
-    if meta.get("kind") != "tokenizer":
-        raise SystemExit(f"error: --tokenizer {ckpt} holds a {meta.get('kind')!r} checkpoint, not a tokenizer")
+        if meta.get("kind") != "tokenizer":
+            raise SystemExit(f"error: --tokenizer {ckpt} holds a {meta.get('kind')!r} checkpoint, not a tokenizer")
+        Tokenizer.from_checkpoint(ckpt)
+        sha = td.checkpoint_sha256(ckpt)
+    except (CheckpointError, ConfigError, OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: --tokenizer {ckpt}: {cli.first_line(e)}") from None
     cfg = meta["config"]
-    return {"preset": cfg.get("preset", "custom"), "config": cfg,
-            "checkpoint_sha256": st.sha256_file(ckpt / "model.safetensors")}
+    return {"preset": cfg.get("preset", "custom"), "config": cfg, "checkpoint_sha256": sha}
 
 
 def settings_for(args, tok: Dict[str, Any], classes: List[str], views: List[str]) -> Dict[str, Any]:
@@ -100,35 +165,56 @@ def settings_for(args, tok: Dict[str, Any], classes: List[str], views: List[str]
         grid = list(cfg.latent_shape(args.resolution, args.resolution))
     except ValueError as e:
         raise SystemExit(f"error: --resolution {args.resolution}: {e}")
+    bits = cfg.z_channels
+    # Stage 2 factorises 18-bit tokens as (6, 12); other widths are recorded as one sub-token, so the
+    # manifest stays consistent (its sub-token bits must add up to the token bits).
+    subtoken_bits = list(DEFAULT_SPLIT) if sum(DEFAULT_SPLIT) == bits else [bits]
     return {
-        "format": st.FORMAT, "version": st.VERSION, "tokenizer": tok, "resolution": args.resolution,
-        "views": views, "grid": grid, "bits_per_token": cfg.z_channels, "bit_order": "little-endian-channel",
-        "subtoken_bits": list(DEFAULT_SPLIT), "classes": classes, "precision": args.precision,
+        "format": td.FORMAT, "version": td.VERSION, "tokenizer": tok, "resolution": args.resolution,
+        "views": views, "grid": grid, "bits_per_token": bits, "bit_order": td.BIT_ORDER,
+        "subtoken_bits": subtoken_bits, "classes": classes, "precision": args.precision,
     }
 
 
-def _maybe_crash(n_committed: int, point: str) -> None:
-    spec = os.environ.get(CRASH_ENV)
-    if spec:
-        k, where = spec.split(":")
-        if n_committed + 1 == int(k) and where == point:
-            sys.stderr.write(f"{CRASH_ENV}: exiting hard at chunk {k} after '{point}'\n")
-            sys.stderr.flush()
-            os._exit(17)
+def read_listing(args):
+    """(data root or None, Listing) of the split, or a one-line refusal."""
+    # Relative paths of a file list are taken from --data, else from the list's own folder; either way
+    # absolute here, because Ray workers do not share the driver's working directory.
+    base = args.data or (Path(args.file_list).parent if args.file_list else None)
+    data = Path(base).resolve() if base else None
+    try:
+        if args.file_list:
+            listing = ls.read_file_list(args.file_list)
+        elif data is not None:
+            listing = ls.scan_folder(data, args.split)
+        else:
+            raise SystemExit("error: give --data (an image root) or --file-list")
+    except ls.ListingError as e:
+        raise SystemExit(f"error: {e}")
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {e.filename or args.file_list or data}: {e.strerror or e}")
+    if not listing.items:
+        raise SystemExit(f"error: split {args.split!r} lists no images")
+    return data, listing
 
 
 def recover(root: Path, state: st.State, split: str) -> None:
     """Drop whatever a killed run wrote past the last commit (Lance versions, MDS chunk directories)."""
-    store = wr.LanceStore(root)
+    store = stores.LanceStore(root)
     if store.rollback(state.lance_version):
-        log.info(f"rolled {wr.LANCE_DIR} back to committed version {state.lance_version}")
-    removed = wr.remove_stray_mds(root, split, list(state.committed(split)))
+        log.info(f"rolled {td.LANCE_DIR} back to committed version {state.lance_version}")
+    removed = stores.remove_stray_mds(root, split, list(state.committed(split)))
     if removed:
         log.info(f"removed uncommitted MDS chunk directories: {', '.join(sorted(removed))}")
 
 
 def commit_chunk(root: Path, state: st.State, split: str, chunk: int, rows: List[Dict[str, Any]],
-                 n_images: int, schema, n_done: int) -> Dict[str, Any]:
+                 n_images: int, schema, crash_after: Optional[str] = None) -> Dict[str, Any]:
+    """MDS chunk, then Lance append, then the record with the chunk's checksums (last: a chunk is
+    committed once it is recorded).
+
+    ``crash_after``: the internal test hook, exit hard right after that step.
+    """
     rows.sort(key=lambda r: (r["index"], r["view"]))
     good = [r for r in rows if r["view"] >= 0]
     failures = [[r["path"], r["error"]] for r in rows if r["view"] < 0]
@@ -136,102 +222,164 @@ def commit_chunk(root: Path, state: st.State, split: str, chunk: int, rows: List
     for r in good:
         if r["view"] == 0:
             per_class[str(r["label"])] = per_class.get(str(r["label"]), 0) + 1
-    wr.write_mds_chunk(root, split, chunk, good)
-    _maybe_crash(n_done, "mds")
+    mds = td.write_mds_chunk(root, split, chunk, good)
+    if crash_after == "mds":
+        _crash("mds")
     table_rows = [{**r, "split": split} for r in good]
-    version = wr.LanceStore(root).append(wr.rows_table(table_rows, schema)) if good else state.lance_version
-    _maybe_crash(n_done, "lance")
+    version = td.append_lance(root, td.lance_table(table_rows, schema)) if good else state.lance_version
+    if crash_after == "lance":
+        _crash("lance")
+    first = min(r["index"] for r in rows)  # every image of a chunk gives a row: encoded or failed
     info = {"images": n_images, "encoded": n_images - len(failures), "rows": len(good), "failures": failures,
-            "per_class": per_class, "committed_at": round(time.time(), 3)}
+            "per_class": per_class, "committed_at": round(time.time(), 3),
+            "commit": td.chunk_record(chunk, first, n_images, table_rows, mds)}
     state.commit_chunk(split, chunk, info, version)
-    _maybe_crash(n_done, "state")
+    if crash_after == "state":
+        _crash("state")
     return info
 
 
-def finalize(root: Path, state: st.State, split: str) -> Dict[str, Any]:
+def _tsv_field(text: str) -> str:
+    """A path or reason as one TSV field: tabs and line breaks (legal in file names) written escaped."""
+    return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def finalize(root: Path, state: st.State, split: str, crash_after: Optional[str] = None) -> Dict[str, Any]:
+    """Merge the MDS index, write the failures table, compact Lance and record the split complete; then
+    the manifest, then drop old Lance versions (``tidy`` redoes the last two after a kill)."""
     committed = sorted(state.committed(split))
-    wr.merge_mds(root, split, committed)
+    state.split(split)["mds_index_sha256"] = td.merge_mds(root, split, committed)
     fails = [(split, p, reason) for c in committed for p, reason in state.committed(split)[c]["failures"]]
-    atomic.write_text(root / f"failures-{split}.tsv",
-                      "split\tpath\treason\n" + "".join(f"{s}\t{p}\t{r}\n" for s, p, r in fails))
-    store = wr.LanceStore(root)
+    atomic.write_text(root / f"failures-{split}.tsv", "split\tpath\treason\n" + "".join(
+        f"{s}\t{_tsv_field(p)}\t{_tsv_field(r)}\n" for s, p, r in fails))
+    store = stores.LanceStore(root)
     if store.exists():
-        version = store.compact()
-        state.data["lance_version"] = version  # recorded before old versions are dropped
-    state.data["splits"][split]["complete"] = True
+        state.data["lance_version"] = store.compact()  # recorded before old versions are dropped
+    state.split(split)["complete"] = True
     state.save()
+    if crash_after == "complete":
+        _crash("complete")
+    return tidy(root, state)
+
+
+def tidy(root: Path, state: st.State) -> Dict[str, Any]:
+    """The end of a split, idempotent, run on every start of a finished one: Lance back at the recorded
+    version and compacted, the manifest, old versions and unreferenced files dropped."""
+    store = stores.LanceStore(root)
+    if store.exists():
+        if store.rollback(state.lance_version):
+            log.info(f"rolled {td.LANCE_DIR} back to committed version {state.lance_version}")
+        version = store.compact()
+        if version != state.lance_version:
+            state.data["lance_version"] = version
+            state.save()
+    manifest = st.write_manifest(root, state)  # before the clean-up: it names the version readers open
     if store.exists():
         store.cleanup()
-    return st.write_manifest(root, state, {})
+    return manifest
+
+
+class OutDir:
+    """--out for the job's duration: created if missing (removed again, if still empty, when the job
+    fails), locked against a second writer; every problem one line."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.made: List[Path] = []
+        self.lock: Optional[st.Lock] = None
+
+    def __enter__(self) -> "OutDir":
+        root = self.root
+        try:  # a file there, or a place this user cannot write (whether it holds a dataset comes later)
+            atomic.check_output_dir(root, owned=lambda p: True, replaced=False)
+        except atomic.OutputError as e:
+            raise SystemExit(f"error: --out {e}") from None
+        self.made = [p for p in (root, *root.parents) if not p.exists()]
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            self.lock = st.Lock(root).__enter__()
+        except st.LockedError as e:
+            self._undo()
+            raise SystemExit(f"error: {e}") from None
+        except OSError as e:  # what the check above cannot see (root's access checks, read-only mounts)
+            self._undo()
+            raise SystemExit(f"error: --out cannot write {root}: {e.strerror or e}") from None
+        return self
+
+    def __exit__(self, kind, *exc):
+        if self.lock is not None:
+            self.lock.__exit__()
+        if kind is not None:
+            self._undo()
+
+    def _undo(self) -> None:
+        for p in self.made:  # deepest first; only directories this job made and left empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
 
 def run(args) -> int:
     t0 = time.time()
-    if args.batch_size < 1 or args.chunk_size < 1 or args.actors < 1:
-        raise SystemExit("error: --batch-size, --chunk-size and --actors must be positive")
-    if args.resolution < 1:
-        raise SystemExit("error: --resolution must be positive")
     try:
         views = expand_views(args.views)
     except ValueError as e:
         raise SystemExit(f"error: --views: {e}")
     ckpt = Path(args.tokenizer)
-    if not ckpt.is_dir():
-        raise SystemExit(f"error: --tokenizer {ckpt} is not a checkpoint directory")
-    root = Path(args.out)
-    # Relative paths of a file list are taken from --data, else from the list's own folder; either way
-    # absolute here, because Ray workers do not share the driver's working directory.
-    base = args.data or (Path(args.file_list).parent if args.file_list else None)
-    data = Path(base).resolve() if base else None
-    try:
-        if args.file_list:
-            listing = mf.read_file_list(args.file_list)
-        elif data is not None:
-            listing = mf.scan_folder(data, args.split)
-        else:
-            raise SystemExit("error: give --data (an image root) or --file-list")
-    except (mf.ManifestError, OSError) as e:
-        raise SystemExit(f"error: {e}")
-    if not listing.items:
-        raise SystemExit(f"error: split {args.split!r} lists no images")
-
-    tok = tokenizer_provenance(ckpt)
+    tok = load_tokenizer(ckpt)
+    data, listing = read_listing(args)
     settings = settings_for(args, tok, listing.classes, views)
     run_settings = {"num_images": len(listing.items), "listing_sha256": listing.sha256(),
                     "chunk_size": args.chunk_size, "batch_size": args.batch_size,
                     "source": "file-list" if args.file_list else "folder"}
-    root.mkdir(parents=True, exist_ok=True)
-    with st.Lock(root):
-        state = st.State.load(root)
+    root = Path(args.out)
+    with OutDir(root):
+        try:
+            state = st.State.load(root)
+        except st.ProvenanceError as e:
+            raise SystemExit(f"error: {e}")
         if state is None:
-            if any(p.name not in (st.LOCK,) for p in root.iterdir()):
+            if any(p.name != st.LOCK for p in root.iterdir()):
                 raise SystemExit(f"error: {root} is not empty and holds no token dataset")
             state = st.State.new(root, settings)
-            state.data["created"] = st.now_iso()
-            state.save()
+            state.data["created"] = td.now_iso()
         try:
             state.check_settings(settings)
             split_rec = state.start_split(args.split, run_settings)
         except st.ProvenanceError as e:
             raise SystemExit(f"error: {e}")
         if split_rec["complete"]:
-            c = st.write_manifest(root, state, {})["counts"][args.split]
+            c = tidy(root, state)["counts"][args.split]
             print(f"split {args.split!r} of {root} is already complete ({c['encoded_images']} encoded, "
                   f"{c['failed_images']} failed): nothing to do")
             return 0
-        recover(root, state, args.split)
-        state.data["tokenizer_path"] = str(ckpt.resolve())
 
-        chunks = mf.chunk_ranges(len(listing.items), args.chunk_size)
+        chunks = ls.chunk_ranges(len(listing.items), args.chunk_size)
         done = state.committed(args.split)
         todo = [c for c in range(len(chunks)) if c not in done]
         skipped = sum(chunks[c][1] - chunks[c][0] for c in done)
-        log.info(f"split {args.split!r}: {len(listing.items)} images in {len(chunks)} chunks; "
-                 f"{len(done)} already committed ({skipped} images skipped), {len(todo)} to do")
-        encoded = failed = 0
-        if todo:
-            encoded, failed = encode_chunks(args, root, state, listing, chunks, todo, settings, views, data)
-        manifest = finalize(root, state, args.split)
+        ray_mode = start_ray(args) if todo else None  # refusals come before anything is written
+        try:
+            state.data["tokenizer_path"] = str(ckpt.resolve())
+            state.data["code_version"] = td.code_version(args.code_version)
+            if args.code_version is None and td.git_commit(Path(td.__file__).resolve().parents[1]) is None:
+                log.warning("the code's commit is unknown (no .git beside it, as under ray job submit): pass "
+                            "--code-version \"$(git describe --always --dirty)\" to record it")
+            state.save()
+            recover(root, state, args.split)
+            log.info(f"split {args.split!r}: {len(listing.items)} images in {len(chunks)} chunks; "
+                     f"{len(done)} already committed ({skipped} images skipped), {len(todo)} to do")
+            encoded = failed = 0
+            if todo:
+                encoded, failed = encode_chunks(args, root, state, listing, chunks, todo, settings, views, data)
+        finally:
+            if ray_mode == "local":
+                import ray
+
+                ray.shutdown()
+        crash = args.crash_at.point if args.crash_at and args.crash_at.point == "complete" else None
+        manifest = finalize(root, state, args.split, crash)
         c = manifest["counts"][args.split]
         print(f"done in {time.time() - t0:.1f}s: split {args.split!r} encoded {encoded}, failed {failed}, "
               f"skipped {skipped} (already committed); dataset total {c['encoded_images']} encoded, "
@@ -239,31 +387,59 @@ def run(args) -> int:
     return 0
 
 
+def start_ray(args) -> str:
+    """Start or join Ray and check the actor pool fits the cluster; one line (and Ray stopped) if not."""
+    import ray
+
+    from dataprep import pipeline
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:  # a local instance: its CPUs are known before starting it
+        try:
+            pipeline.check_resources({"CPU": float(args.num_cpus or os.cpu_count() or 1)}, args.actors,
+                                     _cpus_per_actor(args), 0.0)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    try:
+        mode = pipeline.init_ray(args.address, args.num_cpus, args.object_store_mb, log)
+    except (ConnectionError, RuntimeError, ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot {'join Ray at ' + address if address else 'start Ray'}: "
+                         f"{cli.first_line(e)}") from None
+    try:
+        resources = ray.cluster_resources()
+        accel = pipeline.accelerator_resource(resources)
+        if accel and args.gpus_per_actor == 0:
+            log.warning(f"the cluster has {resources[accel]:g} {accel}s but --gpus-per-actor is 0: "
+                        "the tokenizer runs on CPUs")
+        pipeline.check_resources(resources, args.actors, _cpus_per_actor(args), args.gpus_per_actor)
+    except ValueError as e:
+        if mode == "local":
+            ray.shutdown()
+        raise SystemExit(f"error: {e}") from None
+    return mode
+
+
+def _cpus_per_actor(args) -> float:
+    return args.cpus_per_actor if args.cpus_per_actor is not None else (1.0 if args.gpus_per_actor > 0 else 0.5)
+
+
 def encode_chunks(args, root, state, listing, chunks, todo, settings, views, data):
     import ray
 
     from dataprep import pipeline
-    from shared.tokens import packed_nbytes
 
-    mode = pipeline.init_ray(args.address, args.num_cpus, args.object_store_mb, log)
-    gpus = args.gpus_per_actor
-    cpus = args.cpus_per_actor if args.cpus_per_actor is not None else (1.0 if gpus > 0 else 0.5)
-    try:
-        pipeline.check_resources(ray.cluster_resources(), args.actors, cpus, gpus)
-    except ValueError as e:
-        if mode == "local":
-            ray.shutdown()
-        raise SystemExit(f"error: {e}")
     grid = settings["grid"]
     bits = settings["bits_per_token"]
-    schema = wr.lance_schema(packed_nbytes(grid[0] * grid[1], bits), settings)
+    schema = td.lance_schema(td.Packing(bits, grid[0] * grid[1]), settings)
     rows = []
     for c in todo:
         lo, hi = chunks[c]
-        rows += pipeline.group_rows(args.split, c, mf.groups(listing.items[lo:hi], args.batch_size))
+        rows += pipeline.group_rows(args.split, c, ls.groups(listing.items[lo:hi], args.batch_size))
     ds = pipeline.build(rows, root=str(data) if data else None, checkpoint=str(Path(args.tokenizer).resolve()),
                         resolution=args.resolution, views=views, bits=bits, actors=args.actors,
-                        gpus_per_actor=gpus, cpus_per_actor=cpus, precision=args.precision)
+                        accelerators=args.gpus_per_actor, cpus_per_actor=_cpus_per_actor(args),
+                        precision=args.precision, resource=pipeline.accelerator_resource(ray.cluster_resources()),
+                        compile=args.compile)
     pending: Dict[int, Dict[str, Any]] = {c: {"rows": [], "seen": set()} for c in todo}
     n_done = encoded = failed = 0
     t0 = time.time()
@@ -275,8 +451,10 @@ def encode_chunks(args, root, state, listing, chunks, todo, settings, views, dat
                 p["seen"].add(r["index"])
             for c in [c for c, p in pending.items() if len(p["seen"]) == chunks[c][1] - chunks[c][0]]:
                 p = pending.pop(c)
+                crash = args.crash_at.point if args.crash_at and args.crash_at.chunk == n_done + 1 and \
+                    args.crash_at.point != "complete" else None
                 info = commit_chunk(root, state, args.split, c, p["rows"], chunks[c][1] - chunks[c][0], schema,
-                                    n_done)
+                                    crash)
                 n_done += 1
                 encoded += info["encoded"]
                 failed += len(info["failures"])
@@ -285,19 +463,21 @@ def encode_chunks(args, root, state, listing, chunks, todo, settings, views, dat
                          f"{len(info['failures'])} failed ({n_done}/{len(todo)} this run, {rate:.1f} images/s)")
     except ray.exceptions.RayError as e:
         # Committed chunks stay committed: running the same command again resumes after them.
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise SystemExit(f"error: the Ray pipeline failed after {n_done} committed chunks "
-                         f"({type(e).__name__}: {first[:300]}); run the same command to resume")
-    finally:
-        if mode == "local":
-            ray.shutdown()
+                         f"({cli.first_line(e, with_type=True)}); run the same command to resume")
     if pending:
         raise SystemExit(f"error: the pipeline ended with {len(pending)} chunks incomplete; run again to resume")
     return encoded, failed
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # Ctrl-C: what was committed stays committed (the lock and Ray are released)
+        sys.stderr.write("error: interrupted; the chunks committed so far are kept: run the same command to "
+                         "resume\n")
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from dataprep import images as imgs
-from dataprep.manifest import Item, resolve, row_id
+from dataprep.listing import Item, resolve
+from shared.token_dataset import Packing, row_id
 
 # Columns of the tokenizer stage's output: one row per (image, view), or one row per failed image
 # (view -1, empty tokens, the reason in ``error``).
@@ -26,15 +28,18 @@ OUT_SCHEMA = pa.schema([
 
 
 def group_rows(split: str, chunk: int, groups: Sequence[Sequence[Item]]) -> List[Dict[str, Any]]:
-    return [{"split": split, "chunk": chunk, "items": json.dumps([[it.index, it.path, it.label] for it in g])}
-            for g in groups]
+    return [{"split": split, "chunk": chunk,
+             "items": json.dumps([[it.index, it.path, it.label, it.reason] for it in g])} for g in groups]
 
 
 def decode_group(row: Dict[str, Any], root: Optional[str], resolution: int, views: List[str]) -> Dict[str, Any]:
     """Decode and crop every image of a group; failures are kept as (index, reason), never raised."""
     items = json.loads(row["items"])
     ok, crops, errors = [], [], []
-    for index, path, label in items:
+    for index, path, label, reason in items:
+        if reason:  # known unusable from the listing (a file name that is not UTF-8)
+            errors.append([index, path, label, reason])
+            continue
         try:
             crops.append(imgs.load_views(resolve(root, path), resolution, views))
             ok.append([index, path, label])
@@ -45,30 +50,38 @@ def decode_group(row: Dict[str, Any], root: Optional[str], resolution: int, view
             "pixels": pixels}
 
 
-def pick_device(num_gpus: float) -> str:
-    import torch
+def pick_device(accelerators: float) -> str:
+    """The torch device kind of an actor given ``accelerators`` (Ray GPUs or NPUs): the accelerator
+    ``shared.device`` finds (CUDA, else Ascend NPU), or 'cpu' when none was asked for. An actor that was
+    given accelerators but sees none fails loudly rather than encoding on its CPU."""
+    from shared.device import accelerator_name
 
-    if num_gpus > 0 and torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    if accelerators <= 0:
+        return "cpu"
+    name = accelerator_name()
+    if name is None:
+        raise RuntimeError(f"this tokenizer actor was given {accelerators:g} accelerators but torch sees no CUDA "
+                           "device and no Ascend NPU (torch_npu)")
+    return name
 
 
 class Encoder:
     """Ray Data callable class: loads the tokenizer once per actor, encodes one group per call."""
 
     def __init__(self, checkpoint: str, resolution: int, views: List[str], bits: int, precision: str = "fp32",
-                 num_gpus: float = 0.0, threads: int = 1):
+                 accelerators: float = 0.0, threads: int = 1, compile: bool = False):
         import torch
 
-        from shared.tokens import pack_tokens
         from stage1_tokenizer.tokenizer import Tokenizer
 
-        if pick_device(num_gpus) == "cpu":
+        self.device = pick_device(accelerators)
+        if self.device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.device = pick_device(num_gpus)
-        self.tok = Tokenizer.from_checkpoint(checkpoint, device=self.device)
+        # channels_last: the same tokens as NCHW fp32 (tested), faster convolutions; encode runs in inference mode
+        self.tok = Tokenizer.from_checkpoint(checkpoint, device=self.device).channels_last()
+        if compile:  # once per actor; the same tokens, worth it on accelerators for long jobs
+            self.tok.encoder.compile()
         self.resolution, self.views, self.bits, self.precision = resolution, list(views), bits, precision
-        self.pack = pack_tokens
 
     def encode_pixels(self, pixels: bytes, n_images: int) -> np.ndarray:
         """(n_images * V, R, R, 3) uint8 bytes -> (n_images * V, h * w) int64 tokens, one forward pass."""
@@ -88,9 +101,10 @@ class Encoder:
                                                             batch["errors"], batch["pixels"]):
             ok = json.loads(ok_json)
             tokens = self.encode_pixels(pixels, len(ok)) if ok else None
+            packing = Packing(self.bits, tokens.shape[1]) if ok else None
             for i, (index, path, label) in enumerate(ok):
                 for v in range(len(self.views)):
-                    packed = self.pack(tokens[i * len(self.views) + v], self.bits).tobytes()
+                    packed = packing.encode(tokens[i * len(self.views) + v])
                     add(chunk=int(chunk), index=index, id=row_id(split, index, v), path=path, label=label,
                         view=v, tokens=packed, error="")
             for index, path, label, reason in json.loads(err_json):
@@ -100,9 +114,12 @@ class Encoder:
 
 
 def build(rows: List[Dict[str, Any]], *, root: Optional[str], checkpoint: str, resolution: int, views: List[str],
-          bits: int, actors: int, gpus_per_actor: float, cpus_per_actor: float, precision: str,
-          decode_cpus: float = 1.0):
-    """The lazy Ray dataset of tokenized rows for the given groups (executed by iterating it)."""
+          bits: int, actors: int, accelerators: float, cpus_per_actor: float, precision: str,
+          resource: Optional[str] = "GPU", decode_cpus: float = 1.0, compile: bool = False):
+    """The lazy Ray dataset of tokenized rows for the given groups (executed by iterating it).
+
+    ``accelerators`` per actor are of the Ray resource ``resource`` ("GPU", or "NPU" on Ascend clusters).
+    """
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -115,23 +132,54 @@ def build(rows: List[Dict[str, Any]], *, root: Optional[str], checkpoint: str, r
     ds = ds.map_batches(
         Encoder,
         fn_constructor_kwargs={"checkpoint": checkpoint, "resolution": resolution, "views": views, "bits": bits,
-                               "precision": precision, "num_gpus": gpus_per_actor,
-                               "threads": max(1, int(round(cpus_per_actor)))},
+                               "precision": precision, "accelerators": accelerators,
+                               "threads": max(1, int(round(cpus_per_actor))), "compile": compile},
         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
+        num_cpus=cpus_per_actor, **actor_resources(accelerators, resource),
     )
     return ds
 
 
+def actor_resources(accelerators: float, resource: Optional[str]) -> Dict[str, Any]:
+    """Ray's arguments asking for ``accelerators`` of ``resource`` per actor (GPUs have their own one)."""
+    if accelerators <= 0:
+        return {}
+    return {"num_gpus": accelerators} if resource == "GPU" else {"resources": {resource: accelerators}}
+
+
+ACCELERATOR_RESOURCES = ("GPU", "NPU")  # Ray's names: CUDA GPUs, Ascend NPUs (Ray detects both)
+
+
+def accelerator_resource(resources: Dict[str, float]) -> Optional[str]:
+    """The Ray resource the tokenizer actors' accelerators are: GPU if the cluster has any, else NPU."""
+    return next((name for name in ACCELERATOR_RESOURCES if resources.get(name, 0) > 0), None)
+
+
 def check_resources(resources: Dict[str, float], actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
     """Refuse a pool that can never be scheduled, or that leaves no CPU to decode (it would hang)."""
-    total_cpu, total_gpu = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    if gpus_per_actor > 0 and actors * gpus_per_actor > total_gpu:
-        raise ValueError(f"{actors} actors x {gpus_per_actor} GPUs need {actors * gpus_per_actor} GPUs, "
-                         f"the cluster has {total_gpu:g}")
+    total_cpu = resources.get("CPU", 0.0)
+    if gpus_per_actor > 0:
+        name = accelerator_resource(resources)
+        have = resources.get(name, 0.0) if name else 0.0
+        if actors * gpus_per_actor > have:
+            raise ValueError(f"{actors} actors x {gpus_per_actor:g} accelerators need {actors * gpus_per_actor:g} "
+                             f"{name or 'GPU'}s, the cluster has {have:g}"
+                             + ("" if name else " (and no Ascend NPU)"))
     if actors * cpus_per_actor > total_cpu - 1:
         raise ValueError(f"{actors} actors x {cpus_per_actor} CPUs leave less than 1 of the cluster's "
                          f"{total_cpu:g} CPUs for decoding: use fewer actors or --cpus-per-actor")
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """ConnectionError unless something accepts connections at a ``host:port`` (or ``ray://host:port``)
+    cluster address: ``ray.init`` would otherwise retry an unreachable one for ever."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit()):
+        return  # "auto" and the like: Ray resolves them itself, and fails fast
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {address} ({e.strerror or type(e).__name__})") from None
 
 
 def init_ray(address: Optional[str], num_cpus: Optional[int], object_store_mb: Optional[int], log) -> str:
@@ -142,6 +190,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], object_store_mb: O
         return "existing"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         log.info(f"connected to Ray cluster at {address}: {ray.cluster_resources()}")
         return "cluster"

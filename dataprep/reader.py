@@ -1,10 +1,10 @@
 """Read a token dataset: the manifest, the Lance table and the MDS shards, tokens as 18-bit indices or
-(6, 12)-bit sub-tokens through the shared codec.
+(6, 12)-bit sub-tokens, all as ``shared.token_dataset`` defines them.
 
     ds = TokenDataset("data/imagenet-tokens")
     rows = ds.read_lance(split="train")          # dict: id, label, view, path, tokens (N, h, w) int64
     pre, post = ds.subtokens(rows["tokens"])      # (N, h, w) each: index & 63, index >> 6
-    stream = ds.streaming("train", local="cache/train", batch_size=64, shuffle=True)  # for Stage 2
+    stream = ds.streaming("train", local="cache/train", batch_size=64, shuffle=True)  # StreamingDataset
 
 Lance is not fork-safe: open it inside each DataLoader worker (``TokenDataset`` opens lazily).
 """
@@ -16,39 +16,37 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dataprep import state as st
-from dataprep import writers as wr
-from shared.tokens import split_index, unpack_tokens
+from dataprep import stores
+from shared import token_dataset as td
+from shared.tokens import split_index
 
 
 class TokenDataset:
+    """A finished dataset; the manifest is validated on opening (``ManifestError`` otherwise)."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        f = self.root / st.MANIFEST
-        if not f.is_file():
-            raise FileNotFoundError(f"{self.root} has no {st.MANIFEST}: not a finished token dataset")
-        self.manifest: Dict[str, Any] = json.loads(f.read_text())
-        if self.manifest.get("format") != st.FORMAT:
-            raise ValueError(f"{f}: format {self.manifest.get('format')!r} is not {st.FORMAT!r}")
-        self.grid: Tuple[int, int] = tuple(self.manifest["grid"])
-        self.bits: int = self.manifest["bits_per_token"]
-        self.split_bits: Tuple[int, ...] = tuple(self.manifest["subtoken_bits"])
+        self.manifest: td.Manifest = td.read_manifest(self.root)
+        self.grid: Tuple[int, int] = self.manifest.grid
+        self.bits: int = self.manifest.bits_per_token
+        self.split_bits: Tuple[int, ...] = self.manifest.subtoken_bits
+        self.packing = self.manifest.packing
         self._lance = None
 
     @property
     def tokens_per_image(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.manifest.tokens_per_image
 
     @property
     def splits(self) -> List[str]:
-        return sorted(self.manifest["counts"])
+        return self.manifest.splits
 
     # --- codec ---------------------------------------------------------------------------------------
     def unpack(self, packed: Sequence[bytes]) -> np.ndarray:
         """Packed rows -> (N, h, w) int64 indices."""
         out = np.empty((len(packed), self.tokens_per_image), dtype=np.int64)
         for i, b in enumerate(packed):
-            out[i] = unpack_tokens(b, self.tokens_per_image, self.bits)
+            out[i] = self.packing.decode(b)
         return out.reshape(len(packed), *self.grid)
 
     def subtokens(self, indices: np.ndarray) -> Tuple[np.ndarray, ...]:
@@ -56,16 +54,24 @@ class TokenDataset:
 
     # --- Lance ---------------------------------------------------------------------------------------
     def lance(self):
+        """The Lance dataset at the manifest's committed version (rows appended since, by a split being
+        encoded or a killed job, are not the dataset's), opened on first use; its columns must be the ones
+        the manifest names."""
         if self._lance is None:
             import lance
 
-            self._lance = lance.dataset(str(self.root / wr.LANCE_DIR))
+            ds = lance.dataset(td.lance_uri(self.root), version=self.manifest.lance_version)
+            have = {f.name: str(f.type) for f in ds.schema}
+            want = td.stores(self.packing)["lance"]["columns"]
+            if have != want:
+                raise td.ManifestError(f"{td.lance_uri(self.root)} has columns {have}, the manifest says {want}")
+            self._lance = ds
         return self._lance
 
     def provenance(self) -> Dict[str, Any]:
         """The settings stored in the Lance schema metadata."""
         meta = self.lance().schema.metadata or {}
-        return json.loads(meta[b"open-magvit2"])
+        return json.loads(meta[td.PROVENANCE_KEY.encode()])
 
     def read_lance(self, split: Optional[str] = None, filter: Optional[str] = None,
                    columns: Sequence[str] = ("id", "path", "label", "view", "tokens")) -> Dict[str, Any]:
@@ -86,28 +92,26 @@ class TokenDataset:
 
     # --- MDS -----------------------------------------------------------------------------------------
     def mds_dir(self, split: str) -> Path:
-        return wr.mds_split_dir(self.root, split)
+        return td.mds_split_dir(self.root, split)
 
     def streaming(self, split: str, local: str | Path, **kwargs):
         """A StreamingDataset over the split's shards (``local``: a cache directory of its own, since
         compressed shards get decompressed copies). Samples carry ``tokens`` as (h, w) int64."""
         from streaming import StreamingDataset
 
-        grid, bits, n = self.grid, self.bits, self.tokens_per_image
+        grid, packing = self.grid, self.packing
 
         class _Tokens(StreamingDataset):
             def get_item(self, idx: int) -> Dict[str, Any]:
                 s = super().get_item(idx)
-                s["tokens"] = unpack_tokens(s["tokens"], n, bits).reshape(grid)
+                s["tokens"] = packing.decode(s["tokens"]).reshape(grid)
                 return s
 
         return _Tokens(remote=str(self.mds_dir(split)), local=str(local), **kwargs)
 
     def read_mds(self, split: str, local: str | Path) -> Dict[str, Any]:
         """Every MDS sample of a split, in storage order, as columns (tests and inspection)."""
-        from streaming.base.util import clean_stale_shared_memory
-
-        clean_stale_shared_memory()
+        td.clean_stale_streaming_shm()
         ds = self.streaming(split, local, shuffle=False, batch_size=1)
         rows = [ds[i] for i in range(ds.num_samples)]
         return {"id": [r["id"] for r in rows], "label": [int(r["label"]) for r in rows],
@@ -117,10 +121,10 @@ class TokenDataset:
     # --- sizes ---------------------------------------------------------------------------------------
     def bytes_per_token(self) -> Dict[str, Dict[str, float]]:
         """On-disk bytes / stored tokens for each store, everything under the store counted."""
-        rows = sum(c["rows"] for c in self.manifest["counts"].values())
+        rows = sum(c.rows for c in self.manifest.counts.values())
         tokens = rows * self.tokens_per_image
         out = {}
-        for name, path in (("lance", self.root / wr.LANCE_DIR), ("mds", self.root / wr.MDS_DIR)):
-            size = wr.store_bytes(path)
+        for name, path in (("lance", self.root / td.LANCE_DIR), ("mds", self.root / td.MDS_DIR)):
+            size = stores.store_bytes(path)
             out[name] = {"bytes": size, "tokens": tokens, "bytes_per_token": size / tokens if tokens else float("nan")}
         return out

@@ -1,4 +1,4 @@
-"""The committed-chunks record, provenance checks and the dataset manifest.json.
+"""The committed-chunks record, provenance checks, and the manifest.json they add up to.
 
 ``DATASET/state.json`` is the single source of truth for what is committed. It is rewritten atomically
 *after* a chunk's MDS directory and Lance append are on disk, so after a crash anything it does not list
@@ -7,19 +7,17 @@ before work resumes: every image ends up in the dataset exactly once.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
+import fcntl
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from shared import atomic
+from shared import token_dataset as td
 
-FORMAT = "open-magvit2-tokens"
-VERSION = 1
 STATE = "state.json"
-MANIFEST = "manifest.json"
 LOCK = ".lock"
 
 
@@ -27,31 +25,8 @@ class ProvenanceError(RuntimeError):
     """The dataset on disk was made with other settings than the ones asked for."""
 
 
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def code_version() -> str:
-    """Package version plus the git commit when run from a checkout (read from files, no subprocess)."""
-    from importlib import metadata
-
-    try:
-        version = metadata.version("open-magvit2")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
-    git = Path(__file__).resolve().parents[1] / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            ref = git / head[5:]
-            head = ref.read_text().strip() if ref.is_file() else head[5:]
-        return f"{version}+{head[:12]}"
-    except OSError:
-        return version
+class LockedError(RuntimeError):
+    """Another job is writing the dataset."""
 
 
 def diff_settings(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
@@ -75,11 +50,21 @@ class State:
     @classmethod
     def load(cls, root: str | Path) -> Optional["State"]:
         f = Path(root) / STATE
-        return cls(Path(root), json.loads(f.read_text())) if f.is_file() else None
+        if not f.is_file():
+            return None
+        try:
+            data = json.loads(f.read_text())
+            ok = isinstance(data, dict) and isinstance(data.get("settings"), dict) and \
+                isinstance(data.get("splits"), dict) and "lance_version" in data
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+            raise ProvenanceError(f"{f} is damaged ({type(e).__name__}: {e}); the dataset cannot be resumed") from None
+        if not ok:
+            raise ProvenanceError(f"{f} is not a dataprep state record; the dataset cannot be resumed")
+        return cls(Path(root), data)
 
     @classmethod
     def new(cls, root: str | Path, settings: Dict[str, Any]) -> "State":
-        return cls(Path(root), {"format": FORMAT, "version": VERSION, "settings": settings,
+        return cls(Path(root), {"format": td.FORMAT, "version": td.VERSION, "settings": settings,
                                 "lance_version": None, "splits": {}})
 
     def save(self) -> None:
@@ -103,11 +88,11 @@ class State:
         return self.data["splits"].get(name)
 
     def start_split(self, name: str, run: Dict[str, Any]) -> Dict[str, Any]:
-        """Register a split's run settings, or check them against the ones recorded."""
+        """Register a split's run settings (in memory: the job saves once it is sure to run), or check
+        them against the ones recorded."""
         rec = self.split(name)
         if rec is None:
             rec = self.data["splits"][name] = {"run": run, "chunks": {}, "complete": False}
-            self.save()
         else:
             diffs = diff_settings(rec["run"], run)
             if diffs:
@@ -126,71 +111,103 @@ class State:
 
 
 class Lock:
-    """One writer per dataset directory: an O_EXCL lock file holding the pid, stale locks taken over."""
+    """One writer per dataset directory: an exclusive ``flock`` on DATASET/.lock, held for the whole job.
+
+    The kernel drops the lock when its process dies however it dies, so a killed job never leaves a stale
+    lock behind; the file holds the holder's pid and host for the refusal message.
+    """
 
     def __init__(self, root: Path):
         self.path = Path(root) / LOCK
+        self.fd: Optional[int] = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
                 os.close(fd)
-                return self
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text() or 0)
-                    os.kill(pid, 0)
-                    alive = pid != os.getpid()
-                except (ValueError, ProcessLookupError, OSError):
-                    alive = False
-                if alive:
-                    raise ProvenanceError(f"{self.path.parent} is being written by process {pid}")
-                self.path.unlink(missing_ok=True)  # left behind by a killed run
-        raise ProvenanceError(f"cannot lock {self.path.parent}")
+                raise LockedError(f"{self.path.parent} is being written by another job ({holder}); wait for it "
+                                  f"to finish or use another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file between our open and flock: take the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
+        self.fd = fd
+        return self
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)  # while still holding it, so nobody locks a file that goes away
+        os.close(self.fd)
+        self.fd = None
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+def _holder(fd: int) -> str:
+    """What the lock file's holder wrote about itself (empty for an instant after it took the lock)."""
+    return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "a job that is just starting"
 
 
-def write_manifest(root: Path, state: State, extra: Dict[str, Any]) -> Dict[str, Any]:
+def writer_of(root: Path) -> Optional[str]:
+    """Who holds the dataset's writer lock ("pid N on host H"), or None when no job is writing it."""
+    path = Path(root) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken only while nobody holds it exclusively
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+
+
+def commits_of(state: State) -> Optional[Dict[str, Any]]:
+    """The manifest's ``commits`` block from the chunk records (None for a dataset whose chunks were
+    committed before records existed: it has no checksums). Lance data files are hashed once per version."""
+    splits = {}
+    for name, rec in state.data["splits"].items():
+        chunks = list(state.committed(name).values())
+        if any("commit" not in info for info in chunks):
+            return None
+        splits[name] = {"mds_index_sha256": rec.get("mds_index_sha256") if rec["complete"] else None,
+                        "chunks": [info["commit"] for info in chunks]}
+    files = state.data.get("lance_files") or {}
+    if files.get("version") != state.lance_version:
+        files = {"version": state.lance_version, "files": td.lance_data_files(state.root, state.lance_version)}
+        state.data["lance_files"] = files
+        state.save()
+    return td.commits_block(state.root, state.lance_version, splits, files["files"])
+
+
+def write_manifest(root: Path, state: State) -> Dict[str, Any]:
     """manifest.json from the settings plus per-split counts derived from the committed chunks."""
     s = state.settings
-    counts: Dict[str, Any] = {}
-    failures = 0
+    counts: Dict[str, td.SplitCounts] = {}
     for name, rec in sorted(state.data["splits"].items()):
-        chunks = state.committed(name)
+        chunks = state.committed(name).values()
         per_class: Dict[str, int] = {}
-        for info in chunks.values():
+        for info in chunks:
             for k, v in info["per_class"].items():
                 per_class[k] = per_class.get(k, 0) + v
-        n_fail = sum(len(info["failures"]) for info in chunks.values())
-        failures += n_fail
-        counts[name] = {
-            "images": rec["run"]["num_images"],
-            "encoded_images": sum(info["encoded"] for info in chunks.values()),
-            "failed_images": n_fail,
-            "rows": sum(info["rows"] for info in chunks.values()),
-            "per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0]))),
-            "complete": rec["complete"],
-        }
-    manifest = {
-        "format": FORMAT, "version": VERSION,
-        "bits_per_token": s["bits_per_token"], "bit_order": s["bit_order"], "subtoken_bits": s["subtoken_bits"],
-        "grid": s["grid"], "tokens_per_image": s["grid"][0] * s["grid"][1],
-        "num_classes": len(s["classes"]), "classes": s["classes"],
-        "resolution": s["resolution"], "views": s["views"], "tokenizer": s["tokenizer"],
-        "counts": counts, "failures": failures,
-        "created": state.data.get("created") or now_iso(), "updated": now_iso(),
-        "code_version": code_version(),
-        "tokenizer_path": state.data.get("tokenizer_path"),  # a hint for inspect's decoded grid
-        **extra,
-    }
-    atomic.write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return manifest
+        counts[name] = td.SplitCounts(
+            images=rec["run"]["num_images"], encoded_images=sum(info["encoded"] for info in chunks),
+            failed_images=sum(len(info["failures"]) for info in chunks), rows=sum(info["rows"] for info in chunks),
+            per_class=per_class, complete=rec["complete"])
+    manifest = td.Manifest(
+        grid=s["grid"], bits_per_token=s["bits_per_token"], subtoken_bits=s["subtoken_bits"], classes=s["classes"],
+        resolution=s["resolution"], views=s["views"], tokenizer=s["tokenizer"], counts=counts,
+        created=state.data.get("created") or td.now_iso(),
+        code_version=state.data.get("code_version") or td.code_version(),
+        tokenizer_path=state.data.get("tokenizer_path"),  # a hint for inspect_dataset's decoded grid
+        commits=commits_of(state))
+    return td.write_manifest(root, manifest)

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         py, "dataprep/encode.py", "--data", str(out / "data"), "--split", "train", "--tokenizer", str(tok),
         "--out", str(out / "tokens"), "--resolution", "32", "--views", "center,flip", "--batch-size", "64",
         "--chunk-size", "2048", "--num-cpus", "2"])
-    steps.run("4b inspect the token dataset", [py, "-m", "dataprep.inspect", str(out / "tokens")])
+    steps.run("4b inspect the token dataset", [py, "-m", "dataprep.inspect_dataset", str(out / "tokens")])
     steps.run("5/6 train the AR model from the MDS shards (ar-demo)", [
         py, "-m", "stage2_ar.train", "--config", "ar-demo", f"data.path={out / 'tokens'}", f"out_dir={out / 'ar'}",
         f"schedule.max_steps={a.ar_steps}", f"tokenizer={tok}"])
@@ -117,13 +117,13 @@ def _last_metric(path: Path, key: str):
 
 def summarize(out: Path, times: dict, total: float) -> str:
     ev = json.loads((out / "tokenizer-eval.json").read_text())
-    inspect = subprocess.run([sys.executable, "-m", "dataprep.inspect", str(out / "tokens"), "--json"], cwd=ROOT,
-                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    inspect = subprocess.run([sys.executable, "-m", "dataprep.inspect_dataset", str(out / "tokens"), "--json"],
+                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     info = json.loads(inspect.stdout) if inspect.returncode == 0 else {}
     manifest = json.loads((out / "tokens" / "manifest.json").read_text())
     step, loss = _last_metric(out / "ar" / "metrics.jsonl", "loss")
     encode_s = times.get("4/6 encode the dataset with the Ray job (embedded local Ray)", float("nan"))
-    n_rows = sum(c.get("encoded_images", 0) for c in info.get("counts", {}).values()) if info else 0
+    n_rows = sum(c.get("encoded_images", 0) for c in info.get("splits", {}).values()) if info else 0
     rows = [
         ("tokenizer PSNR (val, dB)", f"{ev.get('psnr', float('nan')):.2f}"),
         ("tokenizer SSIM (val)", f"{ev.get('ssim', float('nan')):.3f}"),

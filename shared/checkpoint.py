@@ -6,22 +6,25 @@ A checkpoint is a directory:
     trainer_state.pt     optional: optimizer/scheduler/step/RNG state, read with weights_only=True
 
 The directory is written under a temporary name and renamed into place, so a crash mid-write never leaves
-a directory that looks complete. Legacy ``.ckpt``/``.pt`` files (e.g. the official Lightning checkpoints)
+a directory that looks complete. An existing directory is replaced only if it is a checkpoint of the same
+kind (recognised by its config.json) or empty, unless ``overwrite=True``: a tool never replaces what it did
+not make (``check_checkpoint_output`` runs the same test before any work).
+
+Legacy ``.ckpt``/``.pt`` files (e.g. the official Lightning checkpoints)
 are read with ``torch.load(weights_only=True)`` only.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import shutil
+import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.atomic import PathLike, atomic_dir
+from shared.atomic import PathLike, atomic_dir, check_output_dir, umask_mode
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -54,6 +57,31 @@ def _detached(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return out
 
 
+def is_checkpoint(path: PathLike, kind: str) -> bool:
+    """Whether ``path`` holds a checkpoint of ``kind`` by its config.json (this project's product)."""
+    try:
+        meta = json.loads((Path(path) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_VERSION and meta.get("kind") == kind
+
+
+def _replace_if(kind: str, overwrite: bool) -> Callable[[Path], bool]:
+    """Which existing directory a ``kind`` checkpoint may replace: one of the same kind (or any, ``overwrite``)."""
+    return (lambda p: True) if overwrite else (lambda p: is_checkpoint(p, kind))
+
+
+def _product(kind: str) -> str:
+    return f"a {kind!r} checkpoint directory"
+
+
+def check_checkpoint_output(path: PathLike, kind: str, *, overwrite: bool = False) -> Path:
+    """Before any work: refuse an output that ``save_checkpoint(path, kind=kind)`` would refuse to replace
+    (a file, an unwritable place, a non-empty directory that is not a ``kind`` checkpoint); one-line
+    ``shared.atomic.OutputError``."""
+    return check_output_dir(path, owned=_replace_if(kind, overwrite), what=_product(kind))
+
+
 def save_checkpoint(
     path: PathLike,
     state_dict: Mapping[str, torch.Tensor],
@@ -62,12 +90,15 @@ def save_checkpoint(
     kind: str,
     trainer_state: Optional[Dict[str, Any]] = None,
     extra: Optional[Dict[str, Any]] = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint directory atomically and return its path."""
+    """Write a checkpoint directory atomically and return its path (``OutputError`` if ``path`` holds
+    something else than a ``kind`` checkpoint, unless ``overwrite``)."""
     path = Path(path)
     meta = {"format": FORMAT_VERSION, "kind": kind, "config": _config_dict(config), "extra": extra or {}}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, replace_if=_replace_if(kind, overwrite), what=_product(kind)) as tmp:
         save_file(_detached(state_dict), str(tmp / WEIGHTS), metadata={"kind": kind})
+        os.chmod(tmp / WEIGHTS, umask_mode(0o666))  # safetensors creates it 0600; match the other files
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
@@ -84,19 +115,41 @@ def _require(path: Path, name: str) -> Path:
 def load_meta(path: PathLike) -> Dict[str, Any]:
     """The config.json of a checkpoint: format, kind, config and extra."""
     path = Path(path)
-    meta = json.loads(_require(path, CONFIG).read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}")
+    f = _require(path, CONFIG)
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:  # unreadable, truncated, not JSON or not UTF-8
+        raise CheckpointError(f"{f} is damaged or unreadable ({error_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format "
+                              f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if not isinstance(meta.get("kind"), str) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{f} is damaged: no kind or config")
     return meta
 
 
+def error_line(e: BaseException, lines: int = 1) -> str:
+    """The exception's type and the first ``lines`` lines of its message, as one line (CLI errors are one line)."""
+    text = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()][:lines]
+    return f"{type(e).__name__}: {' '.join(text)}".rstrip(": ")
+
+
 def load_state_dict(path: PathLike, device: str = "cpu") -> Dict[str, torch.Tensor]:
-    return load_file(str(_require(Path(path), WEIGHTS)), device=device)
+    f = _require(Path(path), WEIGHTS)
+    try:
+        return load_file(str(f), device=device)
+    except Exception as e:  # truncated or not a safetensors file: safetensors raises its own error types
+        raise CheckpointError(f"{f} is damaged or not a safetensors file ({error_line(e)})") from None
 
 
 def load_trainer_state(path: PathLike) -> Optional[Dict[str, Any]]:
     f = Path(path) / TRAINER_STATE
-    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # a refused global (a pickle carrying code) or a damaged file
+        raise CheckpointError(f"refusing {f}: damaged, or not plain tensors and containers ({error_line(e)})") from None
 
 
 def load_weights(module: torch.nn.Module, path: PathLike, *, kind: Optional[str] = None) -> Dict[str, Any]:
@@ -128,26 +181,12 @@ def load_legacy(path: PathLike) -> Any:
     try:
         return torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler's message names the refused global
-        raise CheckpointError(f"refusing to load {path}: not a plain tensor checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise CheckpointError(f"refusing to load {path}: not a plain tensor checkpoint ({error_line(e)})") from e
 
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def step_dirs(run_dir: PathLike) -> list[Path]:
-    """Complete checkpoints ``run_dir/step-NNNNNNNN`` sorted by step."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / CONFIG).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def step_dir(run_dir: PathLike, step: int) -> Path:
-    return Path(run_dir) / f"step-{step:08d}"
-
-
-def prune(run_dir: PathLike, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` step checkpoints."""
-    for p in step_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+def state_dict_of(ckpt: object) -> Dict[str, torch.Tensor]:
+    """The tensor dict inside a legacy file (``load_legacy``): Lightning's ['state_dict'], or the file itself."""
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError("not an official checkpoint: no dict of tensors (under 'state_dict')")
+    return sd

@@ -36,11 +36,21 @@ def device_type(prefer: Optional[str] = None) -> str:
         if prefer not in _BACKENDS:
             raise ValueError(f"unknown device {prefer!r}; use auto, cuda, npu or cpu")
         return prefer
+    return accelerator_name() or "cpu"
+
+
+def accelerator_name() -> Optional[str]:
+    """'cuda' or 'npu' when that accelerator is usable here (CUDA first), else None: what RNG capture covers."""
     if torch.cuda.is_available():
         return "cuda"
     if _npu_available():
         return "npu"
-    return "cpu"
+    return None
+
+
+def accelerator_module(name: str):
+    """``torch.cuda`` or ``torch.npu`` (the latter registered by torch_npu)."""
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ def init_distributed(prefer: Optional[str] = None) -> DistInfo:
         device = torch.device("cpu")
     else:
         device = torch.device(kind, local_rank)
-        getattr(torch, kind).set_device(device)
+        accelerator_module(kind).set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=_BACKENDS[kind])
     return DistInfo(rank, local_rank, world, device)
@@ -83,7 +93,7 @@ def cleanup_distributed() -> None:
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels (for timing); a no-op on CPU."""
     if device.type in ("cuda", "npu"):
-        getattr(torch, device.type).synchronize(device)
+        accelerator_module(device.type).synchronize(device)
 
 
 def autocast(device: torch.device, precision: str = "fp32"):
@@ -98,5 +108,5 @@ def autocast(device: torch.device, precision: str = "fp32"):
 
 def max_memory_allocated(device: torch.device) -> Optional[int]:
     if device.type in ("cuda", "npu"):
-        return getattr(torch, device.type).max_memory_allocated(device)
+        return accelerator_module(device.type).max_memory_allocated(device)
     return None

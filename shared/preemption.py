@@ -28,8 +28,7 @@ import signal
 import threading
 from typing import Any, Dict, Optional, Sequence
 
-import torch
-import torch.distributed as dist
+from shared import collectives
 
 log = logging.getLogger("shared.preemption")
 
@@ -124,10 +123,8 @@ class Preemption:
         distributed, every rank must call this at the same steps: it is one all-reduce of a single integer.
         """
         signum = self.signum
-        if info is not None and getattr(info, "distributed", False) and dist.is_available() and dist.is_initialized():
-            t = torch.tensor([signum], dtype=torch.int32, device=info.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            signum = int(t.item())
+        if info is not None and getattr(info, "distributed", False):
+            signum = collectives.max_int_over_ranks(signum)
         if signum:
             self.stop_signum = signum
         return bool(signum)

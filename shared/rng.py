@@ -7,6 +7,8 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
+from shared import device
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -22,8 +24,9 @@ def rng_state() -> Dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    acc = device.accelerator_name()
+    if acc is not None:  # "cuda" or "npu": every device of this process
+        state[acc] = device.accelerator_module(acc).get_rng_state_all()
     return state
 
 
@@ -33,5 +36,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    acc = device.accelerator_name()
+    if acc is not None and acc in state:
+        device.accelerator_module(acc).set_rng_state_all(state[acc])

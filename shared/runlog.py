@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from shared import atomic
+from shared.images import to_uint8_nhwc
 
 
 def get_logger(name: str, rank: int = 0) -> logging.Logger:
@@ -34,15 +35,13 @@ def progress(iterable: Optional[Iterable] = None, rank: int = 0, **kwargs):
     return tqdm(iterable, disable=rank != 0, dynamic_ncols=True, **kwargs)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) float images in [-1, 1] -> (B, H, W, C) uint8, as the official code saves them."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
-    return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def image_grid(images: Union[torch.Tensor, np.ndarray], nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """Tile images into one uint8 HWC array, ``nrow`` images per row.
 
-
-def image_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
-    """Tile (B, C, H, W) images in [-1, 1] into one uint8 HWC array, ``nrow`` images per row."""
-    arr = to_uint8(images)
+    ``images``: (B, C, H, W) floats in [-1, 1] (converted by ``shared.images.to_uint8``), or (B, H, W, C)
+    uint8 already converted (no second float round trip).
+    """
+    arr = images if isinstance(images, np.ndarray) and images.dtype == np.uint8 else to_uint8_nhwc(images)
     b, h, w, c = arr.shape
     nrow = nrow or max(1, int(math.ceil(math.sqrt(b))))
     rows = int(math.ceil(b / nrow))

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, Tuple
 
+DECODER_NORMS = ("adagn", "groupnorm")
+
 
 @dataclass(frozen=True)
 class TokenizerConfig:
@@ -26,6 +28,9 @@ class TokenizerConfig:
     norm_eps: float = 1e-6
     adanorm_eps: float = 1e-6            # added to the (unbiased) variance of z_q before the sqrt
     resolution: int = 256                # nominal training resolution (the nets work at any multiple of the factor)
+    # Norm at the start of every decoder level: "adagn" (official: GroupNorm modulated by the quantized latent)
+    # or "groupnorm" (plain affine GroupNorm, blind to the latent: the ablation of docs/ablations.md).
+    decoder_norm: str = "adagn"
     # LFQ
     codebook_scale: float = 1.0          # quantized values are +-scale (official: 1.0)
     entropy_temperature: float = 0.01
@@ -62,6 +67,8 @@ class TokenizerConfig:
             raise ValueError(f"z_channels must be in [1, 31] (the token codec's limit), got {self.z_channels}")
         if self.num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if self.decoder_norm not in DECODER_NORMS:
+            raise ValueError(f"decoder_norm must be one of {', '.join(DECODER_NORMS)}, got {self.decoder_norm!r}")
         if self.entropy_temperature <= 0 or self.codebook_scale <= 0:
             raise ValueError("entropy_temperature and codebook_scale must be positive")
         return self

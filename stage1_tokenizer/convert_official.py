@@ -26,9 +26,9 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from shared.checkpoint import CheckpointError, load_legacy, load_strict
+from shared.checkpoint import CheckpointError, check_checkpoint_output, load_legacy, load_strict, state_dict_of
 from stage1_tokenizer.config import PRESETS, TokenizerConfig
-from stage1_tokenizer.tokenizer import Tokenizer
+from stage1_tokenizer.tokenizer import CHECKPOINT_KIND, Tokenizer
 
 WEIGHT_SETS = ("ema", "raw")
 EMA_PREFIX = "model_ema."
@@ -155,14 +155,6 @@ def convert_tokenizer_state(
     return out
 
 
-def state_dict_of(ckpt: object) -> Mapping[str, Tensor]:
-    """The tensor dict inside an official file: Lightning's ['state_dict'], or the file itself."""
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise CheckpointError("not an official checkpoint: no dict of tensors (under 'state_dict')")
-    return sd
-
-
 def empty_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """A Tokenizer with uninitialised weights (skips the random init of 115M parameters before a load)."""
     with torch.device("meta"):
@@ -188,19 +180,24 @@ def load_official(
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="official tokenizer checkpoint (.ckpt)")
-    p.add_argument("out", help="output checkpoint directory")
+    p.add_argument("out", help="output checkpoint directory (an existing one is replaced only if it is a tokenizer "
+                               "checkpoint, or with --overwrite)")
     p.add_argument("--weights", choices=WEIGHT_SETS, default="ema", help="EMA weights (default) or the raw ones")
     p.add_argument("--config", default=None, help="preset to use instead of inferring it from the shapes")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT even if it is not a tokenizer checkpoint")
     args = p.parse_args(argv)
     if not Path(args.ckpt).is_file():
         raise SystemExit(f"error: no such file: {args.ckpt}")
     if args.config is not None and args.config not in PRESETS:
         raise SystemExit(f"error: unknown preset {args.config!r}; choose from {', '.join(sorted(PRESETS))}")
     try:
+        check_checkpoint_output(args.out, CHECKPOINT_KIND, overwrite=args.overwrite)  # before reading the file
         model, info = load_official(args.ckpt, args.weights, PRESETS.get(args.config))
-    except (CheckpointError, ValueError) as e:
+        out = model.save(args.out, extra=info, overwrite=args.overwrite)
+    except (CheckpointError, ValueError) as e:  # OutputError is a ValueError
         raise SystemExit(f"error: {e}") from None
-    out = model.save(args.out, extra=info)
+    except OSError as e:  # e.g. the disk filled up while writing: the old OUT is still in place
+        raise SystemExit(f"error: cannot write {args.out}: {e.strerror or e}") from None
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({model.cfg.preset}, {n:,} parameters, {args.weights} weights)")
 

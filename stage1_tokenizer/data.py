@@ -27,9 +27,9 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset, Sampler
 
+from shared.image_files import IMAGE_EXTENSIONS, is_image_file
 from shared.runlog import get_logger
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 log = get_logger(__name__)
 
 # Truncated JPEGs must fail loudly (and be skipped), not decode half-grey.
@@ -37,7 +37,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    return is_image_file(p.name) and p.is_file()
 
 
 def find_images(root: Path) -> Tuple[List[Tuple[Path, int]], List[str]]:
@@ -209,36 +209,5 @@ def steps_per_epoch(n_images: int, global_batch: int, world_size: int = 1) -> in
     return max(1, (n_images // world_size) * world_size // global_batch)
 
 
-def export_skimage_photos(out_dir: Path, tile: Optional[int] = None, names: Sequence[str] = ()) -> List[Path]:
-    """Write scikit-image's bundled photos as PNGs: an offline folder of real images for demos and tests.
-
-    With ``tile`` each photo is cut into non-overlapping tile x tile patches (one file each), which turns
-    a handful of photos into a few hundred small real images for CPU-sized training runs.
-    """
-    import skimage.data
-
-    names = names or ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-                      "retina", "cat", "motorcycle")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in names:
-        arr = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
-        if arr.ndim == 2:
-            arr = np.stack([arr] * 3, -1)
-        arr = arr[..., :3].astype(np.uint8)
-        if tile is None:
-            path = out_dir / f"{name}.png"
-            Image.fromarray(arr).save(path)
-            written.append(path)
-            continue
-        for r in range(arr.shape[0] // tile):
-            for c in range(arr.shape[1] // tile):
-                path = out_dir / f"{name}-{r:02d}-{c:02d}.png"
-                Image.fromarray(arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]).save(path)
-                written.append(path)
-    return written
-
-
 __all__ = ["find_images", "ImageFolderDataset", "EpochSampler", "make_train_loader", "make_eval_loader",
-           "steps_per_epoch", "export_skimage_photos", "collate"]
+           "steps_per_epoch", "collate"]

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared import collectives
 from shared.tokens import bits_to_index
 
 CODEBOOK_LOG_EPS = 1e-5  # official: -sum p log(p + 1e-5)
@@ -117,19 +117,11 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
+        return collectives.all_reduce_(x.clone())
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return collectives.all_reduce_(grad.clone())
 
 
 def _logits(z: Tensor, temperature: float, scale: float) -> Tensor:
@@ -142,9 +134,9 @@ def _codebook_sums(u: Tensor, global_batch: bool) -> Tuple[Tensor, Tensor]:
     """Un-normalised (2^K1, 2^K2) code distribution summed over tokens (and ranks), and the token count."""
     total = _PairedCodeSum.apply(u)
     n = torch.tensor(float(u.shape[0]), dtype=total.dtype, device=total.device)
-    if global_batch and _distributed():
+    if global_batch and collectives.active():
         total = _AllReduceSum.apply(total)
-        dist.all_reduce(n)
+        collectives.all_reduce_(n)
     return total, n
 
 

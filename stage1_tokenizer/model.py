@@ -3,8 +3,9 @@
 No attention anywhere. Swish activations, GroupNorm(32, eps 1e-6). Levels are indexed by resolution:
 level 0 works at full image resolution, level L-1 at the token grid. The encoder runs levels 0 -> L-1 and
 halves the resolution after every level but the last (strided 3x3 conv); the decoder runs L-1 -> 0, starts
-every level with an AdaptiveGroupNorm conditioned on the quantized latent and doubles the resolution after
-every level but level 0 (3x3 conv to 4C channels, then depth-to-space x2).
+every level with an AdaptiveGroupNorm conditioned on the quantized latent (``decoder_norm="groupnorm"``: a
+plain GroupNorm instead, for the ablation) and doubles the resolution after every level but level 0 (3x3 conv
+to 4C channels, then depth-to-space x2).
 
 Which convs carry a bias follows the official nets exactly (this is what makes the parameter counts match):
 encoder stem and all residual-block convs have none; downsampling convs, the 1x1 latent projection, and the
@@ -123,12 +124,16 @@ class Encoder(nn.Module):
 class DecoderLevel(nn.Module):
     def __init__(self, cfg: TokenizerConfig, cin: int, cout: int, upsample: bool):
         super().__init__()
-        self.adanorm = AdaptiveGroupNorm(cfg, cin)
+        self.adaptive = cfg.decoder_norm == "adagn"
+        if self.adaptive:
+            self.adanorm = AdaptiveGroupNorm(cfg, cin)
+        else:  # ablation: a plain affine GroupNorm under another name, so no AdaGN checkpoint loads into it
+            self.norm = group_norm(cfg, cin)
         self.blocks = res_stack(cfg, cin, cout)
         self.up = Upsample(cout) if upsample else None
 
     def forward(self, x: Tensor, zq: Tensor) -> Tensor:
-        x = self.blocks(self.adanorm(x, zq))
+        x = self.blocks(self.adanorm(x, zq) if self.adaptive else self.norm(x))
         return self.up(x) if self.up is not None else x
 
 

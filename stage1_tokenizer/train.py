@@ -22,30 +22,30 @@ the RNG states and data-loader position of every rank.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shared import checkpoint as ckpt
-from shared.config import ConfigError, add_config_args, from_args, save_config, to_dict
+from shared import collectives
+from shared.config import ConfigError, to_dict
 from shared.device import DistInfo, autocast, cleanup_distributed, init_distributed
-from shared.preemption import Preemption, release_workers
+from shared.preemption import release_workers
 from shared.rng import rng_state, seed_everything, set_rng_state
-from shared.runlog import RunLogger, get_logger, progress
+from shared.run_checkpoints import save_training_checkpoint
+from shared.runlog import get_logger, progress
+from shared.training_run import TrainingRun, train_main
 from stage1_tokenizer.data import ImageFolderDataset, make_eval_loader, make_train_loader, steps_per_epoch
 from stage1_tokenizer.discriminator import PatchDiscriminator
 from stage1_tokenizer.ema import EMA
 from stage1_tokenizer.losses import FrozenLPIPS, LeCAM, hinge_d_loss, non_saturating_g_loss
 from stage1_tokenizer.metrics import batch_usage, psnr_per_image, to_uint8
+from stage1_tokenizer.tokenizer import CHECKPOINT_KIND as TOKENIZER_KIND
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train_config import PRESETS, TrainConfig
 
@@ -72,30 +72,12 @@ def lr_factor(step: int, spe: int, milestones, gamma: float, warmup: int) -> flo
     return warm * gamma ** sum(epoch >= m for m in milestones)
 
 
-def _mean_over_ranks(values: Dict[str, float], world: int) -> Dict[str, float]:
-    if world == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
-
-
-def _gather(obj: Any, world: int) -> List[Any]:
-    if world == 1:
-        return [obj]
-    out: List[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         self.device = info.device
         self.world = info.world_size
-        if cfg.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+        self.run = TrainingRun(cfg, info)  # checks the run settings before any model is built
         per_step = cfg.data.micro_batch * self.world
         if cfg.data.global_batch % per_step:
             raise ConfigError(f"data.global_batch {cfg.data.global_batch} is not a multiple of micro_batch "
@@ -110,6 +92,9 @@ class Trainer:
 
         seed_everything(cfg.seed)  # same initial weights on every rank
         self.tok = Tokenizer(cfg.model).to(self.device).train()
+        if cfg.compile:  # in place: state_dict keys unchanged, so checkpoints are the same either way
+            self.tok.encoder.compile()
+            self.tok.decoder.compile()
         self.disc = PatchDiscriminator(3, cfg.disc.ndf, cfg.disc.n_layers).to(self.device).train()
         self.ema = EMA(self.tok, cfg.optim.ema_decay)
         self.lecam = LeCAM(cfg.loss.lecam_decay).to(self.device)
@@ -136,7 +121,9 @@ class Trainer:
         self.val_loader = None
         if cfg.val_every > 0 and cfg.data.val_root:
             val = ImageFolderDataset(Path(cfg.data.val_root), cfg.data.resolution, train=False)
-            self.val_loader = make_eval_loader(val, batch_size=32, limit=cfg.data.val_images)
+            # each rank evaluates its share; evaluate_tokenizer sums and gathers over ranks
+            self.val_loader = make_eval_loader(val, batch_size=32, limit=cfg.data.val_images, rank=info.rank,
+                                               world_size=self.world)
 
         self.g_fwd: nn.Module = _GeneratorForward(self.tok)
         self.d_fwd: nn.Module = self.disc
@@ -146,7 +133,7 @@ class Trainer:
             self.d_fwd = DDP(self.disc, device_ids=ids)
         self.step = 0
         self.preempted = 0  # after fit(): the exit status of a stop on SIGTERM/SIGINT (128 + signal), else 0
-        self.logger = RunLogger(self.out, info.rank, tensorboard=cfg.tensorboard)
+        self.logger = None  # opened by fit() once a resume has succeeded
 
     # ------------------------------------------------------------------ checkpoints
     def _weights(self) -> Dict[str, torch.Tensor]:
@@ -155,37 +142,23 @@ class Trainer:
         sd.update({f"discriminator.{k}": v for k, v in self.disc.state_dict().items()})
         return sd
 
-    def save(self) -> Optional[Path]:
-        """Every rank contributes its RNG and data position; rank 0 writes the directory atomically."""
-        local = {"rng": rng_state(), "data": self.loader.state_dict()}
-        per_rank = _gather(local, self.world)
-        path = None
-        if self.info.is_main:
-            state = {
-                "step": self.step, "world_size": self.world, "micro_batch": self.cfg.data.micro_batch,
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
-                "scaler_g": self.scaler_g.state_dict(), "scaler_d": self.scaler_d.state_dict(),
-                "lecam": {"ema_real": float(self.lecam.ema_real), "ema_fake": float(self.lecam.ema_fake)},
-                "ranks": per_rank,
-            }
-            path = ckpt.step_dir(self.out, self.step)
-            ckpt.save_checkpoint(path, self._weights(), to_dict(self.cfg), kind=CHECKPOINT_KIND,
-                                 trainer_state=state, extra={"step": self.step})
-            ckpt.prune(self.out, self.cfg.keep_last)
-            log.info("saved %s", path)
-        if self.world > 1:
-            dist.barrier()
-        return path
+    def _trainer_state(self) -> Dict[str, Any]:
+        return {
+            "micro_batch": self.cfg.data.micro_batch,
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+            "scaler_g": self.scaler_g.state_dict(), "scaler_d": self.scaler_d.state_dict(),
+            "lecam": {"ema_real": float(self.lecam.ema_real), "ema_fake": float(self.lecam.ema_fake)},
+        }
 
-    def find_resume(self) -> Optional[Path]:
-        r = self.cfg.resume
-        if r in ("", "never"):
-            return None
-        if r == "auto":
-            found = ckpt.step_dirs(self.out)
-            return found[-1] if found else None
-        return Path(r)
+    def save(self) -> Path:
+        """Collective: every rank contributes its RNG and data position; rank 0 writes the checkpoint."""
+        path = save_training_checkpoint(
+            self.out, self.step, kind=CHECKPOINT_KIND, weights=self._weights, trainer_state=self._trainer_state,
+            per_rank={"rng": rng_state(), "data": self.loader.state_dict()}, config=to_dict(self.cfg),
+            keep_last=self.cfg.keep_last, is_main=self.info.is_main)
+        log.info("saved %s", path)
+        return path
 
     def load(self, path: Path) -> None:
         meta = ckpt.load_meta(path)
@@ -224,18 +197,19 @@ class Trainer:
     def _sync(self, module: nn.Module, last: bool):
         return module.no_sync() if isinstance(module, DDP) and not last else nullcontext()
 
-    def _grad_norm(self, params, clip: float) -> float:
+    def _grad_norm(self, params, clip: float) -> torch.Tensor:
         params = [p for p in params if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        return float(norm)
+        return torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")).detach()
 
-    def train_step(self, xs: List[torch.Tensor]) -> Dict[str, float]:
+    def train_step(self, xs: List[torch.Tensor], log: bool = True) -> Dict[str, Any]:
+        """One G + D optimizer step. The statistics stay on the device; the ones that need the host (PSNR of
+        uint8 images, codebook usage) are computed on logging steps only (``log``)."""
         cfg, L = self.cfg, self.cfg.loss
         gan_on = self.step >= L.disc_start
-        stats: Dict[str, float] = {}
+        stats: Dict[str, Any] = {}
 
         def add(name: str, value: torch.Tensor) -> None:
-            stats[name] = stats.get(name, 0.0) + float(value.detach()) / self.accum
+            stats[name] = stats.get(name, 0.0) + value.detach().float() / self.accum
 
         # ---- generator
         self.disc.requires_grad_(False)
@@ -254,8 +228,9 @@ class Trainer:
             recs.append(rec.detach())
             add("g/loss", loss); add("g/l1", l1); add("g/lpips", lp); add("g/gan", g_gan)
             add("g/entropy", ent); add("g/sample_entropy", h_s); add("g/codebook_entropy", h_c); add("g/commit", commit)
-            usages.append(batch_usage(idx, self.tok.bits))
-            psnrs.append(psnr_per_image(to_uint8(x), to_uint8(rec)).mean())
+            if log:
+                usages.append(batch_usage(idx, self.tok.bits))
+                psnrs.append(psnr_per_image(to_uint8(x), to_uint8(rec)).mean())
         self.scaler_g.unscale_(self.opt_g)
         stats["g/grad_norm"] = self._grad_norm(self.tok.parameters(), cfg.optim.grad_clip)
         self.scaler_g.step(self.opt_g)
@@ -272,10 +247,7 @@ class Trainer:
                         real = self.d_fwd(x).float()
                         fake = self.d_fwd(rec).float()
                     # LeCAM EMAs follow the mean logits of all ranks, so every rank holds the same EMAs.
-                    means = torch.stack([real.detach().mean(), fake.detach().mean()])
-                    if self.world > 1:
-                        dist.all_reduce(means)
-                        means /= self.world
+                    means = collectives.all_reduce_(torch.stack([real.detach().mean(), fake.detach().mean()]), "mean")
                     self.lecam.update(means[0], means[1])
                     hinge = hinge_d_loss(real, fake)
                     reg = self.lecam(real, fake)
@@ -292,8 +264,9 @@ class Trainer:
         stats["lr/d"] = self.opt_d.param_groups[0]["lr"]
         self.sched_g.step()
         self.sched_d.step()
-        stats["codebook/batch_usage"] = sum(usages) / len(usages)
-        stats["train/psnr"] = float(sum(psnrs) / len(psnrs))
+        if log:
+            stats["codebook/batch_usage"] = sum(usages) / len(usages)
+            stats["train/psnr"] = sum(psnrs) / len(psnrs)
         self._last = (xs[0], recs[0])
         return stats
 
@@ -301,46 +274,46 @@ class Trainer:
     def validate(self) -> Dict[str, float]:
         from stage1_tokenizer.evaluate import evaluate_tokenizer
 
-        res = evaluate_tokenizer(self.ema.model, self.val_loader, self.device)
+        res = evaluate_tokenizer(self.ema.model, self.val_loader, self.device, info=self.info)
         return {f"val/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
 
     def fit(self) -> Dict[str, Any]:
-        with Preemption() as stop:
+        with self.run as run:
             try:
-                stats = self._fit(stop)
+                stats = self._fit(run)
             finally:
                 release_workers(self.loader)  # its workers ignore SIGTERM: stop them here, not at exit
-        self.preempted = stop.exit_code
+        self.preempted = run.exit_code
         return stats
 
-    def _fit(self, stop: Preemption) -> Dict[str, Any]:
+    def _fit(self, run: TrainingRun) -> Dict[str, Any]:
         cfg = self.cfg
+        if self.info.is_main:  # OUT/final is replaced at the end: refuse someone else's directory now, not then
+            ckpt.check_checkpoint_output(self.out / "final", TOKENIZER_KIND)
         self._resume_rng = None
-        path = self.find_resume()
+        path = run.resume_path()
         if path is not None:
             self.load(path)
-        if self.info.is_main:
-            save_config(cfg, self.out / "config.yaml")
-            log.info("%d images, %d steps/epoch, %d steps total, global batch %d = %d x %d micro x %d ranks, %s",
-                     len(self.dataset), self.spe, self.total_steps, cfg.data.global_batch, cfg.data.micro_batch,
-                     self.accum, self.world, cfg.precision)
+        self.logger = run.begin(self.step)
+        log.info("%d images, %d steps/epoch, %d steps total, global batch %d = %d x %d micro x %d ranks, %s",
+                 len(self.dataset), self.spe, self.total_steps, cfg.data.global_batch, cfg.data.micro_batch,
+                 self.accum, self.world, cfg.precision)
         it = iter(self.loader)
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng)
-        start, done, t0 = self.step, 0, time.time()
-        bar = progress(range(start, self.total_steps), self.info.rank, initial=start, total=self.total_steps,
-                       desc="tokenizer")
-        stats: Dict[str, float] = {}
+        start, t0 = self.step, time.time()
+        bar = progress(None, self.info.rank, initial=start, total=self.total_steps, desc="tokenizer")
+        stats: Dict[str, Any] = {}
         if self.val_loader is not None and self.step == 0:
             self.logger.scalars(0, self.validate())  # the starting point of the curve
-        for _ in bar:
-            stats = self.train_step(self._micro_batches(it))
+        while self.step < self.total_steps:
+            stats = self.train_step(self._micro_batches(it), log=run.log_due(self.step + 1, self.total_steps))
             self.step += 1
-            done += 1
-            stats = _mean_over_ranks(stats, self.world)
+            bar.update(1)
             last = self.step == self.total_steps
-            if self.step % cfg.log_every == 0 or last:
-                stats["time/step_s"] = (time.time() - t0) / done
+            if run.log_due(self.step, self.total_steps):
+                stats = collectives.mean_over_ranks(stats)  # the one host sync of a logging step
+                stats["time/step_s"] = (time.time() - t0) / (self.step - start)
                 self.logger.scalars(self.step, stats)
                 bar.set_postfix(loss=f"{stats['g/loss']:.3f}", psnr=f"{stats['train/psnr']:.2f}")
             if self.val_loader is not None and (self.step % cfg.val_every == 0 or last):
@@ -349,25 +322,11 @@ class Trainer:
                 x, rec = self._last
                 n = min(8, x.shape[0])
                 self.logger.images(self.step, "input-vs-recon", torch.cat([x[:n], rec[:n].clamp(-1, 1)]), nrow=n)
-            saved = self.step % cfg.ckpt_every == 0 or last
-            if saved:
-                self.save()
-            if last:
+            if run.end_of_step(self.step, self.total_steps, self.save):
                 break
-            if stop.should_stop(self.info):  # every step, on every rank: all stop after the same step
-                if not saved:
-                    self.save()
-                log.warning("preempted (%s): stopped after step %d with a checkpoint; resume with the same command",
-                            stop.signal_name, self.step)
-                break
-            if cfg.stop_after > 0 and done >= cfg.stop_after:
-                if not saved:
-                    self.save()
-                log.info("stopping after %d steps (stop_after); resume with the same command", done)
-                break
+        bar.close()
         if self.step == self.total_steps and self.info.is_main:
             self.export(self.out / "final")
-        self.logger.close()
         return stats
 
     def export(self, path: Path) -> Path:
@@ -377,26 +336,21 @@ class Trainer:
         return path
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """0 when the run ended or stopped as asked; 128 + signal (143: SIGTERM) when it was preempted."""
-    parser = argparse.ArgumentParser(prog="python -m stage1_tokenizer.train", description=__doc__.split("\n")[0])
-    add_config_args(parser, default="tokenizer-demo")
-    args = parser.parse_args(argv)
-    try:
-        cfg = from_args(TrainConfig, PRESETS, args)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+def train(cfg: TrainConfig) -> int:
+    """Train (or resume) on this process or under torchrun; returns 0, or 128 + signal after a preemption."""
     info = init_distributed(cfg.device)
     try:
         trainer = Trainer(cfg, info)
         trainer.fit()
         return trainer.preempted
-    except (ConfigError, ckpt.CheckpointError, FileNotFoundError, ValueError) as e:  # bad input: one line
-        raise SystemExit(f"error: {e}")
     finally:
         cleanup_distributed()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """0 when the run ended or stopped as asked; 128 + signal (143: SIGTERM) when it was preempted."""
+    return train_main(argv, prog="python -m stage1_tokenizer.train", doc=__doc__, config_cls=TrainConfig,
+                      presets=PRESETS, default="tokenizer-demo", run=train)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
+from shared.run_config import RunConfig
 from stage1_tokenizer.config import PRESETS as MODEL_PRESETS
 from stage1_tokenizer.config import TokenizerConfig
 
@@ -63,7 +64,9 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(RunConfig):
+    """Run settings (out_dir, seed, device, precision, resume, stop_after, ckpt_every, keep_last, log_every,
+    tensorboard, threads) are ``shared.run_config.RunConfig``'s, with the same meaning in both stages."""
     model: TokenizerConfig = field(default_factory=lambda: MODEL_PRESETS["tokenizer-16x-256"])
     loss: LossConfig = field(default_factory=LossConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
@@ -72,18 +75,10 @@ class TrainConfig:
     out_dir: str = "runs/tokenizer"
     epochs: int = 270                  # training length when max_steps is 0
     max_steps: int = 0                 # > 0 overrides epochs
-    stop_after: int = 0                # > 0: leave after this many steps in this invocation (schedules unchanged)
-    precision: str = "fp32"            # fp32 | bf16 | fp16 (fp16 uses a GradScaler per optimizer)
-    device: str = "auto"               # auto | cuda | npu | cpu
-    seed: int = 0
-    resume: str = "auto"               # auto = newest step-* in out_dir; never = start fresh; or a checkpoint dir
     ckpt_every: int = 5000
-    keep_last: int = 3
     log_every: int = 50
     image_every: int = 1000
     val_every: int = 0                 # 0 = no in-training evaluation
-    tensorboard: bool = True
-    threads: int = 0                   # > 0: torch.set_num_threads (CPU runs)
 
 
 _BASE = TrainConfig()

@@ -47,10 +47,40 @@ class KVCache:
             self.v[i] = v.new_zeros(shape)
         self.k[i][:, :, start:end] = k
         self.v[i][:, :, start:end] = v
-        return self.k[i][:, :, :end], self.v[i][:, :, :end]
+        return self.k[i][:, :, :end], self.v[i][:, :, :end], None  # no mask: every key returned is valid
 
     def layer(self, i: int):
         return lambda k, v, start: self.update(i, k, v, start)
+
+
+class StaticKVCache(nn.Module):
+    """Fixed-shape keys/values for one transformer, as buffers: (B, H, max_len, head_dim) per layer.
+
+    For a compiled, graph-captured decode step: one query position at a time, written with ``index_copy_``
+    at a position *tensor* (no shape changes, no recompiles), and attention over all ``max_len`` slots with a
+    mask of the slots written so far. Unwritten slots are zeros masked out, so the result equals ``KVCache``'s
+    up to the order of float sums.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.n_layers = n_layers
+        shape = (batch, n_head, max_len, head_dim)
+        for i in range(n_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Write the (B, H, 1, hd) key/value of position ``pos`` (a (1,) long tensor); all slots + mask."""
+        keys, values = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+        keys.index_copy_(2, pos, k.to(keys.dtype))
+        values.index_copy_(2, pos, v.to(values.dtype))
+        return keys, values, (self.slots <= pos)[None, :]
+
+    def layer(self, i: int):
+        return lambda k, v, pos: self.update(i, k, v, pos)
 
 
 class Attention(nn.Module):
@@ -75,9 +105,8 @@ class Attention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            keys, values = cache(k, v, start)  # all positions 0 .. start+L-1
-            mask = None
-            if L > 1:  # the new queries see every cached key plus the new ones up to themselves
+            keys, values, mask = cache(k, v, start)  # all positions 0 .. start+L-1 (a static cache: a mask)
+            if mask is None and L > 1:  # the new queries see every cached key plus the new ones up to themselves
                 end = start + L
                 mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

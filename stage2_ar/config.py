@@ -18,7 +18,8 @@ class ARConfig:
     dim: int = 1024
     n_head: int = 16
     n_inter: int = 24                    # "spatial" blocks: causal over the h*w positions
-    n_intra: int = 2                     # "factorized" blocks: causal over the M sub-tokens of one position
+    n_intra: int = 2                     # "factorized" blocks: causal over the M sub-tokens of one position;
+                                         # 0 = independent heads, each reading the inter output (ablation)
     ffn_multiple: int = 256              # SwiGLU hidden = round_up(int(2 * 4 * dim / 3), ffn_multiple)
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
@@ -54,6 +55,8 @@ class ARConfig:
         if self.head_dim % 4:
             # 2D RoPE: head_dim/2 pairs, half of them for the row and half for the column
             raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4")
+        if self.n_inter < 1 or self.n_intra < 0:
+            raise ValueError(f"need n_inter >= 1 and n_intra >= 0, got {self.n_inter} and {self.n_intra}")
         if len(self.grid) != 2 or min(self.grid) < 1:
             raise ValueError(f"grid must be (h, w) with positive sides, got {self.grid}")
         if not self.bits or min(self.bits) < 1 or sum(self.bits) > 31:

@@ -9,9 +9,16 @@ the fused ``wqkv`` rows are [q | k | v], head-major, with adjacent rotary pairs,
 them); the tokenizer half goes through the Stage-1 converter. Both halves are loaded strictly: every tensor
 of our models must be found and every official tensor of each half must be used.
 
-Facts the shapes cannot tell: head_dim (64 in every official model) and the token grid (16x16 at 256px);
-both are options. When the architecture is one of ar-B / ar-L / ar-XL, that preset (with its paper sampling
-settings: CFG scales and temperatures per sub-token) is used.
+Facts the shapes cannot tell: head_dim and the token grid. The official file does not store its RoPE table
+(``freqs_cis``, which would give both); when one is present it is used. Otherwise the architecture must be
+one of the released ar-B / ar-L / ar-XL (head_dim 64, 16x16 grid at 256px), whose preset (with its paper
+sampling settings: CFG scales and temperatures per sub-token) is used; any other file needs ``--grid H,W``
+and ``--head-dim D`` (the official config's ``block_size`` = H*W, ``dim / n_head`` = D), or it is refused:
+a guessed head count would give wrong logits without any error.
+
+Outputs: OUT/ar and OUT/tokenizer are checked before the file is read, and an existing one is replaced only
+if it is a checkpoint of that kind (or with ``--overwrite``); both halves are converted before either is
+written.
 """
 from __future__ import annotations
 
@@ -25,14 +32,17 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from shared.checkpoint import CheckpointError, load_legacy, load_strict
-from stage1_tokenizer.convert_official import state_dict_of
+from shared.checkpoint import (CheckpointError, check_checkpoint_output, load_legacy, load_strict, save_checkpoint,
+                               state_dict_of)
+from shared.config import to_dict
 from stage2_ar.config import PRESETS, ARConfig
-from stage2_ar.model import FactorizedAR
+from stage2_ar.model import KIND, FactorizedAR
 
 AR_PREFIX = "transformer."
 TOKENIZER_PREFIX = "first_stage_model."
 OFFICIAL_PRESETS = ("ar-B", "ar-L", "ar-XL")
+RELEASED_GEOMETRY = ((16, 16), 64)  # grid and head_dim of every released AR model
+ROPE_KEY = "freqs_cis"  # the official GPT's RoPE table (1 + H*W rows, head_dim/2 pairs, cos/sin); not in the releases
 
 # Our parameter name -> official name (without the "transformer." prefix); first match wins.
 _RULES = [
@@ -105,9 +115,54 @@ def infer_config(sd: Mapping[str, Tensor], prefix: str = AR_PREFIX, head_dim: in
     return cfg
 
 
+def rope_geometry(sd: Mapping[str, Tensor], prefix: str = AR_PREFIX) -> Optional[Tuple[Tuple[int, int], int]]:
+    """(grid, head_dim) from a stored official RoPE table, or None when the file has none."""
+    t = sd.get(prefix + ROPE_KEY)
+    if t is None:
+        return None
+    side = math.isqrt(max(t.shape[0] - 1, 0)) if t.ndim == 3 else 0
+    if t.ndim != 3 or t.shape[-1] != 2 or side < 1 or side * side != t.shape[0] - 1:
+        raise CheckpointError(f"{prefix}{ROPE_KEY} of shape {tuple(t.shape)} is not an official 2D RoPE table "
+                              f"(1 + side^2 rows, head_dim/2 pairs, 2)")
+    return (side, side), 2 * t.shape[1]
+
+
+def _released_preset(sd: Mapping[str, Tensor], prefix: str) -> Optional[str]:
+    """The released model (ar-B / ar-L / ar-XL) whose architecture the tensors have, if any."""
+    grid, head_dim = RELEASED_GEOMETRY
+    try:
+        cfg = infer_config(sd, prefix, head_dim=head_dim, grid=grid)
+    except (CheckpointError, ValueError):  # e.g. a width that is no multiple of 64: not a release
+        return None
+    return next((n for n in OFFICIAL_PRESETS if PRESETS[n] == cfg), None)
+
+
+def resolve_geometry(sd: Mapping[str, Tensor], grid: Optional[Tuple[int, int]] = None,
+                     head_dim: Optional[int] = None, prefix: str = AR_PREFIX) -> Tuple[Tuple[int, int], int]:
+    """The token grid and head_dim to build the model with: given, read from a stored RoPE table, or those of
+    the released models when the architecture is one of them; anything else is ambiguous and refused."""
+    given = (tuple(grid) if grid is not None else None, head_dim)
+    stored = rope_geometry(sd, prefix)
+    if stored is not None:
+        for name, have, want in (("--grid", given[0], stored[0]), ("--head-dim", given[1], stored[1])):
+            if have is not None and have != want:
+                raise CheckpointError(f"{name} {have} contradicts the file's RoPE table ({prefix}{ROPE_KEY}: {want})")
+        return stored
+    if given[0] is not None and given[1] is not None:
+        return given
+    released = _released_preset(sd, prefix)
+    if released is None:
+        missing = " and ".join(f for f, v in (("--grid H,W", given[0]), ("--head-dim D", given[1])) if v is None)
+        raise CheckpointError(f"not a released architecture (ar-B/L/XL) and the file stores no RoPE table: its token "
+                              f"grid and head count cannot be inferred; pass {missing} (official config: "
+                              f"block_size = H*W, dim / n_head = D)")
+    return given[0] or RELEASED_GEOMETRY[0], given[1] or RELEASED_GEOMETRY[1]
+
+
 def convert_ar_state(sd: Mapping[str, Tensor], cfg: ARConfig, prefix: str = AR_PREFIX) -> Dict[str, Tensor]:
-    """Official ``transformer.*`` tensors -> our FactorizedAR state_dict (all found, all used)."""
-    out, used, missing = {}, set(), []
+    """Official ``transformer.*`` tensors -> our FactorizedAR state_dict (all found, all used; the RoPE table,
+    recomputed by our model, is only checked by ``rope_geometry``)."""
+    out, used, missing = {}, {prefix + ROPE_KEY}, []
     for ours, official in official_key_map(cfg).items():
         t = sd.get(prefix + official)
         if t is None:
@@ -124,44 +179,67 @@ def convert_ar_state(sd: Mapping[str, Tensor], cfg: ARConfig, prefix: str = AR_P
     return out
 
 
-def convert(path, out_dir, *, grid=(16, 16), head_dim: int = 64, tokenizer_weights: str = "raw",
-            tokenizer_preset: Optional[str] = None, skip_tokenizer: bool = False) -> Dict[str, Path]:
+def check_outputs(out_dir, *, skip_tokenizer: bool = False, overwrite: bool = False) -> Dict[str, Path]:
+    """OUT/ar (and OUT/tokenizer) checked before any work: each may only replace a checkpoint of its kind."""
+    out_dir = Path(out_dir)
+    kinds = {"ar": KIND}
+    if not skip_tokenizer:
+        from stage1_tokenizer.tokenizer import CHECKPOINT_KIND
+
+        kinds["tokenizer"] = CHECKPOINT_KIND
+    return {name: check_checkpoint_output(out_dir / name, kind, overwrite=overwrite) for name, kind in kinds.items()}
+
+
+def convert(path, out_dir, *, grid: Optional[Tuple[int, int]] = None, head_dim: Optional[int] = None,
+            tokenizer_weights: str = "raw", tokenizer_preset: Optional[str] = None, skip_tokenizer: bool = False,
+            overwrite: bool = False) -> Dict[str, Path]:
     """Convert one official AR file; returns {'ar': dir, 'tokenizer': dir (unless skipped)}.
 
+    ``grid`` / ``head_dim``: see ``resolve_geometry`` (None: inferred, or refused when the file cannot tell).
     ``tokenizer_preset`` names the Stage-1 preset to load the tokenizer half into; by default it is inferred
     from the shapes (GroupNorm groups cannot be seen in them: 32, the official value, is assumed).
     """
+    from stage1_tokenizer.config import PRESETS as TOK_PRESETS
+
+    if tokenizer_preset is not None and tokenizer_preset not in TOK_PRESETS:
+        raise ValueError(f"unknown tokenizer preset {tokenizer_preset!r}; choose from {', '.join(sorted(TOK_PRESETS))}")
+    targets = check_outputs(out_dir, skip_tokenizer=skip_tokenizer, overwrite=overwrite)
     sd = state_dict_of(load_legacy(path))
     foreign = sorted(k for k in sd if not k.startswith((AR_PREFIX, TOKENIZER_PREFIX)))
     if foreign:
         raise CheckpointError(f"{len(foreign)} tensors belong to neither half (e.g. {', '.join(foreign[:3])})")
+    grid, head_dim = resolve_geometry(sd, grid, head_dim)
     cfg = infer_config(sd, head_dim=head_dim, grid=grid)
     model = FactorizedAR(cfg)
     load_strict(model, convert_ar_state(sd, cfg), source=str(path))
-    out_dir = Path(out_dir)
     info = {"converted_from": Path(path).name, "format": "open-magvit2-official-lightning"}
-    written = {"ar": model.save(out_dir / "ar", extra=info)}
+    tok = None
     if not skip_tokenizer:
         # The Stage-1 converter does the tokenizer half (renames, DCR -> PixelShuffle permutation, strictness).
-        from stage1_tokenizer.config import PRESETS as TOK_PRESETS
         from stage1_tokenizer.convert_official import convert_tokenizer_state, infer_config as tok_infer
         from stage1_tokenizer.tokenizer import Tokenizer
 
-        if tokenizer_preset is not None and tokenizer_preset not in TOK_PRESETS:
-            raise ValueError(f"unknown tokenizer preset {tokenizer_preset!r}; "
-                             f"choose from {', '.join(sorted(TOK_PRESETS))}")
         tcfg = TOK_PRESETS[tokenizer_preset] if tokenizer_preset else tok_infer(sd, TOKENIZER_PREFIX, tokenizer_weights)
         tok = Tokenizer(tcfg)
         load_strict(tok, convert_tokenizer_state(sd, TOKENIZER_PREFIX, tokenizer_weights, tcfg), source=str(path))
-        written["tokenizer"] = tok.save(out_dir / "tokenizer", extra={**info, "weights": tokenizer_weights})
+    # written only once both halves converted: a failure above leaves OUT as it was
+    written = {"ar": save_checkpoint(targets["ar"], model.state_dict(), to_dict(cfg), kind=KIND, extra=info,
+                                     overwrite=overwrite)}
+    if tok is not None:
+        written["tokenizer"] = tok.save(targets["tokenizer"], extra={**info, "weights": tokenizer_weights},
+                                        overwrite=overwrite)
     return written
 
 
-def _grid(text: str) -> Tuple[int, int]:
+def _grid(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    if text is None:
+        return None
     try:
         h, w = (int(v) for v in text.split(","))
     except ValueError:
         raise SystemExit(f"error: --grid takes H,W, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise SystemExit(f"error: --grid sides must be positive, got {text!r}")
     return h, w
 
 
@@ -169,21 +247,27 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m stage2_ar.convert_official", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="official AR checkpoint (e.g. AR_256_B.ckpt)")
     p.add_argument("out", help="output directory: gets ar/ and tokenizer/ checkpoint directories")
-    p.add_argument("--grid", default="16,16", help="token grid H,W (16,16 for the 256px models)")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--grid", default=None, help="token grid H,W (released models: 16,16; needed for other files)")
+    p.add_argument("--head-dim", type=int, default=None, help="dim / n_head (released models: 64; needed for others)")
     p.add_argument("--tokenizer-weights", choices=("raw", "ema"), default="raw",
                    help="the AR file holds raw tokenizer weights (what the official sampler decodes with)")
     p.add_argument("--tokenizer-preset", default=None, help="Stage-1 preset of the tokenizer half (default: inferred)")
     p.add_argument("--skip-tokenizer", action="store_true", help="write only the AR half")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT/ar and OUT/tokenizer even if they are not checkpoints of that kind")
     args = p.parse_args(argv)
     if not Path(args.ckpt).is_file():
         raise SystemExit(f"error: no such file: {args.ckpt}")
+    if args.head_dim is not None and args.head_dim < 1:
+        raise SystemExit(f"error: --head-dim must be positive, got {args.head_dim}")
     try:
         written = convert(args.ckpt, args.out, grid=_grid(args.grid), head_dim=args.head_dim,
                           tokenizer_weights=args.tokenizer_weights, tokenizer_preset=args.tokenizer_preset,
-                          skip_tokenizer=args.skip_tokenizer)
-    except (CheckpointError, ValueError) as e:
+                          skip_tokenizer=args.skip_tokenizer, overwrite=args.overwrite)
+    except (CheckpointError, ValueError) as e:  # OutputError is a ValueError
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # e.g. the disk filled up while writing: what was at OUT/ar, OUT/tokenizer stays
+        raise SystemExit(f"error: cannot write {args.out}: {e.strerror or e}") from None
     for kind, d in written.items():
         print(f"wrote {kind}: {d}")
     return 0

@@ -1,12 +1,9 @@
 """Stage-2 data: streamed token shards (MosaicML Streaming MDS) -> (sub-tokens, label) samples.
 
-The dataset directory is the one dataprep writes:
-
-    DATASET/manifest.json          what the tokens are (bits, sub-token split, grid, classes, tokenizer)
-    DATASET/mds/<split>/           MDS shards; columns id:str, label:int, view:int, tokens:bytes
-
-``tokens`` holds the raster-order 18-bit indices packed by ``shared.tokens.pack_tokens``; we unpack them
-and split each index into sub-tokens (6, 12) -> (index & 63, index >> 6), the order the model consumes.
+The dataset is the one dataprep writes, in the format ``shared.token_dataset`` defines (manifest.json
+says what the tokens are and how a row's bytes are packed; mds/<split>/ holds the shards). Each row is
+decoded with the manifest's packing and every index split into sub-tokens (6, 12) -> (index & 63,
+index >> 6), the order the model consumes.
 
 Things that matter for correct multi-device training (see the stack notes):
 - the per-device batch size is given to the dataset, so the sample partition is the same one the
@@ -16,69 +13,34 @@ Things that matter for correct multi-device training (see the stack notes):
   ``build_loader`` makes a fresh dataset for every loader and nothing here iterates it eagerly;
 - compressed shards read with no remote get decompressed next to themselves, so a local directory is
   always used as the *remote* and a separate cache directory as ``local``;
-- crashed runs leave shared memory behind: ``clean_stale_shared_memory`` at start-up (training only:
-  it also removes segments of any other streaming job running on the same machine).
+- crashed runs leave shared memory behind: ``clean_stale_shared_memory`` at start-up removes what
+  killed runs left, never the segments of other streaming jobs on the same node.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
+from shared import token_dataset as td
 from shared.preemption import worker_ignores_signals
-
-from shared.tokens import split_index, unpack_tokens
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "open-magvit2-tokens"
-MANIFEST_VERSION = 1
-MDS_DIR = "mds"
+from shared.token_dataset import Manifest, ManifestError  # the trainer catches sdata.ManifestError
+from shared.tokens import split_index
 
 
-class ManifestError(ValueError):
-    """Token shards that cannot feed the configured model (wrong bits, split, grid or classes)."""
+def read_manifest(dataset: str, cache_dir: Optional[str] = None) -> Manifest:
+    """The dataset's validated manifest, from a local directory or a remote URI (s3://, gs://, ...)."""
+    return td.read_manifest(dataset, cache_dir)
 
 
-def _is_remote(uri: str) -> bool:
-    return "://" in uri
-
-
-def read_manifest(dataset: str, cache_dir: Optional[str] = None) -> Dict[str, Any]:
-    """The dataset's manifest.json, from a local directory or a remote URI (s3://, gs://, ...)."""
-    if _is_remote(dataset):
-        from streaming.base.storage.download import CloudDownloader
-
-        local = Path(cache_dir or tempfile.mkdtemp(prefix="manifest-")) / MANIFEST
-        if local.exists():  # the downloader never overwrites; a stale copy must not win
-            local.unlink()
-        try:
-            CloudDownloader.direct_download(dataset.rstrip("/") + "/" + MANIFEST, str(local))
-        except Exception as e:
-            raise ManifestError(f"cannot fetch {MANIFEST} from {dataset}: {type(e).__name__}: {e}") from None
-        path = local
-    else:
-        path = Path(dataset) / MANIFEST
-        if not path.is_file():
-            raise ManifestError(f"{dataset} is not a token dataset: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
-        raise ManifestError(f"{path}: expected format {MANIFEST_FORMAT!r} version {MANIFEST_VERSION}, "
-                            f"got {manifest.get('format')!r} version {manifest.get('version')!r}")
-    return manifest
-
-
-def check_manifest(manifest: Dict[str, Any], model_cfg: Any) -> None:
+def check_manifest(manifest: Manifest, model_cfg: Any) -> None:
     """Refuse shards that do not match the model config, with a one-line reason.
 
     ``model_cfg`` needs ``bits`` (sub-token split), ``grid`` (h, w) and ``num_classes`` (the ARConfig).
@@ -86,19 +48,15 @@ def check_manifest(manifest: Dict[str, Any], model_cfg: Any) -> None:
     bits = tuple(int(b) for b in model_cfg.bits)
     grid = tuple(int(g) for g in model_cfg.grid)
     checks = [
-        ("bits per token", manifest.get("bits_per_token"), sum(bits)),
-        ("sub-token split", tuple(manifest.get("subtoken_bits") or ()), bits),
-        ("token grid", tuple(manifest.get("grid") or ()), grid),
-        ("tokens per image", manifest.get("tokens_per_image"), grid[0] * grid[1]),
-        ("number of classes", manifest.get("num_classes"), int(model_cfg.num_classes)),
+        ("bits per token", manifest.bits_per_token, sum(bits)),
+        ("sub-token split", manifest.subtoken_bits, bits),
+        ("token grid", manifest.grid, grid),
+        ("number of classes", manifest.num_classes, int(model_cfg.num_classes)),
     ]
     for what, have, want in checks:
         if have != want:
             raise ManifestError(f"token shards do not match the model: {what} is {have} in the manifest, "
                                 f"the model config expects {want}")
-    order = manifest.get("bit_order", "little-endian-channel")
-    if order != "little-endian-channel":
-        raise ManifestError(f"token shards use bit order {order!r}; only 'little-endian-channel' is supported")
 
 
 @dataclass(frozen=True)
@@ -110,9 +68,12 @@ class TokenLayout:
     subtoken_bits: Tuple[int, ...] = (6, 12)
 
     @classmethod
-    def from_manifest(cls, manifest: Dict[str, Any]) -> "TokenLayout":
-        return cls(int(manifest["tokens_per_image"]), int(manifest["bits_per_token"]),
-                   tuple(int(b) for b in manifest["subtoken_bits"]))
+    def from_manifest(cls, manifest: Manifest) -> "TokenLayout":
+        return cls(manifest.tokens_per_image, manifest.bits_per_token, manifest.subtoken_bits)
+
+    @property
+    def packing(self) -> td.Packing:
+        return td.Packing(self.bits_per_token, self.tokens_per_image)
 
 
 class TokenShardDataset(StreamingDataset):
@@ -124,18 +85,19 @@ class TokenShardDataset(StreamingDataset):
         super().__init__(remote=remote, local=local, split=split, batch_size=batch_size, shuffle=shuffle,
                          shuffle_seed=shuffle_seed, num_canonical_nodes=num_canonical_nodes, **kwargs)
         self.layout = layout
+        self.packing = layout.packing
 
     def __getitem__(self, index: int):
         row = super().__getitem__(index)
-        lay = self.layout
-        idx = unpack_tokens(row["tokens"], lay.tokens_per_image, lay.bits_per_token)
-        subs = tuple(torch.from_numpy(np.ascontiguousarray(s)) for s in split_index(idx, lay.subtoken_bits))
+        idx = self.packing.decode(row["tokens"])
+        subs = tuple(torch.from_numpy(np.ascontiguousarray(s)) for s in split_index(idx, self.layout.subtoken_bits))
         return subs, torch.tensor(int(row["label"]), dtype=torch.int64)
 
 
 def default_cache_dir(dataset: str, root: Optional[str] = None) -> str:
     """A cache directory unique to the dataset URI (two datasets never share one)."""
-    key = hashlib.sha1(os.path.abspath(dataset).encode() if not _is_remote(dataset) else dataset.encode()).hexdigest()[:12]
+    name = dataset if td.is_remote(dataset) else os.path.abspath(dataset)
+    key = hashlib.sha1(name.encode()).hexdigest()[:12]
     base = Path(root) if root else Path(tempfile.gettempdir()) / "open-magvit2-mds"
     return str(base / key)
 
@@ -144,9 +106,12 @@ def make_dataset(dataset: str, *, split: str, batch_size: int, layout: TokenLayo
                  shuffle: bool = True, shuffle_seed: int = 0, num_canonical_nodes: int = 1,
                  **kwargs: Any) -> TokenShardDataset:
     """A fresh dataset over ``DATASET/mds/<split>``; local directories are read through a separate cache."""
-    remote = dataset.rstrip("/") + "/" + MDS_DIR if _is_remote(dataset) else str(Path(dataset).resolve() / MDS_DIR)
-    if not _is_remote(dataset) and not (Path(remote) / split / "index.json").is_file():
-        raise ManifestError(f"{dataset} has no MDS split {split!r} ({MDS_DIR}/{split}/index.json is missing)")
+    if td.is_remote(dataset):
+        remote = dataset.rstrip("/") + "/" + td.MDS_DIR
+    else:
+        remote = str(Path(dataset).resolve() / td.MDS_DIR)
+    if not td.is_remote(dataset) and not (Path(remote) / split / "index.json").is_file():
+        raise ManifestError(f"{dataset} has no MDS split {split!r} ({td.MDS_DIR}/{split}/index.json is missing)")
     local = cache_dir or default_cache_dir(dataset)
     return TokenShardDataset(remote=remote, local=local, split=split, layout=layout, batch_size=batch_size,
                              shuffle=shuffle, shuffle_seed=shuffle_seed,
@@ -182,11 +147,19 @@ def build_loader(dataset: str, *, split: str, batch_size: int, layout: TokenLayo
                                generator=generator if generator is not None else torch.Generator().manual_seed(0))
 
 
-def clean_stale_shared_memory() -> None:
-    """Remove shared memory left by crashed streaming runs (call once at start-up, before any dataset)."""
-    from streaming.base.util import clean_stale_shared_memory as _clean
+def clean_stale_shared_memory(cache_dirs: Sequence[str] = ()) -> List[str]:
+    """Remove shared memory left by killed streaming runs; returns the names removed (on this node).
 
-    _clean()
+    Call it at start-up, before any dataset, on every rank. Segments other jobs on the node use stay;
+    ``cache_dirs`` (this run's own cache directories) also frees what a killed earlier run of this job
+    left. Local rank 0 cleans, and the others wait for it, so no rank registers a segment meanwhile.
+    """
+    from shared import collectives
+
+    removed = td.clean_stale_streaming_shm(local_dirs=cache_dirs) if os.environ.get("LOCAL_RANK", "0") == "0" else []
+    if collectives.active():
+        collectives.barrier()
+    return removed
 
 
 def batch_to_inputs(batch: Sequence[Any], device: torch.device) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:

@@ -4,7 +4,8 @@
         --ref VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth --out DIR
 
 Paper protocol (reference section 4/5): 50 samples x 1000 classes, the preset's CFG scales and temperatures,
-top-k / top-p off, images saved as uint8 by (x + 1) / 2 * 255 with truncation. Image i of the class-major
+top-k / top-p off. Images are converted to uint8 by ``shared.images.to_uint8`` (rounded; the official sampler
+truncates, see there for why we differ by at most one level). Image i of the class-major
 label list draws from its own CPU generator seeded with ``image_seed(seed, i) = seed * 1_000_003 + i``: a
 run is reproducible for a given --seed whatever the number of processes.
 
@@ -14,8 +15,11 @@ the same batch boundaries and per-image seeds, so the merged images equal a sing
 writes its part atomically to DIR/parts/rank-XXXXX.npz; after a barrier rank 0 merges the parts in global
 image order, removes them, and alone writes samples.npz and computes the metrics.
 
-Writes DIR/samples.npz (arr_0 images NHWC uint8, arr_1 labels) and DIR/metrics.json (FID, IS, precision,
-recall and the settings). ``--samples NPZ`` skips generation and scores an existing batch (rank 0 only).
+Writes DIR/samples.npz (layout in ``stage2_ar.samples_npz``: arr_0 images, arr_1 labels) and DIR/metrics.json
+(FID, IS, precision, recall and the settings). ``--samples NPZ`` skips generation and scores an existing batch
+in that layout, e.g. one written by ``stage2_ar.sample --npz`` (rank 0 only). Features and FID come from
+``shared.inception`` / ``shared.feature_metrics``, the path of the Stage-1 rFID; without --inception the
+weights are looked up at $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth.
 """
 from __future__ import annotations
 
@@ -29,20 +33,30 @@ import numpy as np
 import torch
 
 from shared import atomic
+from shared import collectives
+from shared import inception as inc
 from stage2_ar import gen_metrics as gm
-from stage2_ar.sample import parse_floats, per_subtoken
+from stage2_ar.sample import check_cli_sampling, check_decoder, check_seed, parse_floats, per_subtoken
+from stage2_ar.samples_npz import (METRICS_FILE, PARTS_DIR, SAMPLES_FILE, SamplesFileError, check_output_dir,
+                                   read_samples, write_samples)
+
+PR_K = 3  # precision / recall neighbourhood (the ADM evaluator's k): each batch needs at least PR_K + 1 images
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stage2_ar.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", help="AR checkpoint directory (kind 'ar')")
     p.add_argument("--tokenizer", help="tokenizer checkpoint directory (kind 'tokenizer')")
-    p.add_argument("--samples", help="score this ADM .npz instead of generating")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="decode with --tokenizer even if it is not the tokenizer of the AR model's token dataset")
+    p.add_argument("--samples", help="score this samples.npz (arr_0 images, optional arr_1 labels) instead of generating")
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--classes", default=None, help="comma-separated class ids (default: all classes)")
     p.add_argument("--ref", required=True, help="reference batch: ADM .npz (arr_0) or a folder of images")
-    p.add_argument("--inception", required=True, help="local InceptionV3 weights (torch-fidelity pt_inception-2015-12-05)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help=f"FID InceptionV3 weights {inc.INCEPTION_FILE} (default: $TORCH_HOME/hub/checkpoints/)")
+    p.add_argument("--out", required=True, help="output directory (new, or one holding only the sampling tools' files)")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds other files")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--cfg", default=None, help="CFG scale(s), one or one per sub-token (default: the checkpoint's)")
@@ -72,7 +86,8 @@ def generate_samples(model, tokenizer, labels: Sequence[int], *, batch_size: int
     """
     from shared.device import autocast
     from shared.runlog import progress
-    from stage2_ar.sample import generate, image_seed, to_uint8_truncated
+    from shared.images import to_uint8_nhwc
+    from stage2_ar.sample import generate, image_seed
 
     labels = torch.as_tensor(list(labels), dtype=torch.long)
     bounds = rank_batches(len(labels), batch_size, rank, world_size)
@@ -82,14 +97,14 @@ def generate_samples(model, tokenizer, labels: Sequence[int], *, batch_size: int
         with autocast(device, precision):
             idx = generate(model, labels[s:e].to(device), cfg_scales=cfg_scales,
                            temperatures=temperatures, top_k=top_k, top_p=top_p, generator=gens)
-        out.append(to_uint8_truncated(tokenizer.decode(idx)))
+        out.append(to_uint8_nhwc(tokenizer.decode(idx)))
     indices = np.asarray([i for s, e in bounds for i in range(s, e)], dtype=np.int64)
     images = np.concatenate(out) if out else np.zeros((0, 0, 0, 3), dtype=np.uint8)
     return indices, images
 
 
 def _part_path(out: Path, rank: int) -> Path:
-    return out / "parts" / f"rank-{rank:05d}.npz"
+    return out / PARTS_DIR / f"rank-{rank:05d}.npz"
 
 
 def _write_part(out: Path, rank: int, world_size: int, indices: np.ndarray, images: np.ndarray) -> None:
@@ -126,30 +141,61 @@ def _remove_parts(out: Path, world_size: int) -> None:
     for r in range(world_size):
         _part_path(out, r).unlink(missing_ok=True)
     try:
-        (out / "parts").rmdir()
+        (out / PARTS_DIR).rmdir()
     except OSError:  # not empty (someone else's files): leave it
         pass
 
 
+def _enough(n: int, what: str) -> None:
+    """Precision / recall need PR_K + 1 images per batch (FID 2): refuse a smaller batch before any work."""
+    if n < PR_K + 1:
+        raise SystemExit(f"error: {what} has {n} image(s); precision / recall (k = {PR_K}) need at least {PR_K + 1}")
+
+
+def _reference(args, size: int, is_main: bool = True, distributed: bool = False) -> np.ndarray:
+    """The reference batch, read by rank 0 before any sampling; with ``distributed`` every rank learns whether
+    that failed (all stop together)."""
+    reference, err = None, None
+    if is_main:
+        try:
+            reference = gm.load_reference(args.ref, size=size)
+            if len(reference) < PR_K + 1:
+                err = (f"the reference batch {args.ref} has {len(reference)} image(s); precision / recall need "
+                       f"{PR_K + 1}")
+        except gm.MetricsError as e:
+            err = str(e)
+        except OSError as e:  # an unreadable or damaged image in a reference folder
+            err = f"cannot read the reference {args.ref}: {e}"
+    if distributed:
+        err = collectives.broadcast_object(err)
+    if err:
+        raise SystemExit(f"error: {err}")
+    return reference
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    out = Path(args.out)
     if args.per_class < 1 or args.batch_size < 1:
         raise SystemExit("error: --per-class and --batch-size must be positive")
     if args.samples is None and (not args.ckpt or not args.tokenizer):
         raise SystemExit("error: give --ckpt and --tokenizer to generate, or --samples to score an existing .npz")
+    # Everything a user typed is checked before a model is loaded (every rank checks the same inputs, so all
+    # of them stop together).
+    try:
+        check_cli_sampling(args)
+        out = check_output_dir(args.out, overwrite=args.overwrite)
+    except ValueError as e:  # OutputError is a ValueError
+        raise SystemExit(f"error: {e}") from None
     import torch.distributed as dist
 
     from shared.device import cleanup_distributed, init_distributed
 
     owns_group = not (dist.is_available() and dist.is_initialized())
     try:
-        # Fail on missing evaluation inputs before spending hours sampling (every rank checks the same inputs,
-        # so all of them stop together).
         try:
             info = init_distributed(args.device)  # a single process unless launched by torchrun
-            feature_fn = gm.inception_feature_fn(args.inception, info.device)
-        except (gm.MetricsError, RuntimeError, ValueError) as e:
+            feature_fn = inc.load_inception(args.inception, info.device)
+        except (inc.InceptionWeightsMissing, RuntimeError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
         if not Path(args.ref).exists():
             raise SystemExit(f"error: reference {args.ref} does not exist")
@@ -157,15 +203,6 @@ def main(argv=None) -> int:
     finally:
         if owns_group:
             cleanup_distributed()
-
-
-def _barrier(device: torch.device) -> None:
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        dist.barrier(device_ids=[device.index])
-    else:
-        dist.barrier()
 
 
 def _evaluate(args, out: Path, info, feature_fn) -> int:
@@ -176,10 +213,14 @@ def _evaluate(args, out: Path, info, feature_fn) -> int:
         if not info.is_main:
             return 0  # scoring is rank 0's job
         try:
-            samples = gm.load_reference(args.samples)
-        except gm.MetricsError as e:
+            samples, labels = read_samples(args.samples)
+        except SamplesFileError as e:
             raise SystemExit(f"error: --samples: {e}") from None
+        _enough(len(samples), f"--samples {args.samples}")
+        reference = _reference(args, samples.shape[1])  # rank 0 alone from here on
         settings["samples"] = str(args.samples)
+        if labels is not None:
+            settings["num_classes"] = int(len(np.unique(labels)))
     else:
         from shared.checkpoint import CheckpointError
         from stage2_ar.model import FactorizedAR
@@ -194,6 +235,7 @@ def _evaluate(args, out: Path, info, feature_fn) -> int:
             tokenizer = Tokenizer.from_checkpoint(args.tokenizer, device=device).eval()
         except (ImportError, CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
             raise SystemExit(f"error: cannot load tokenizer checkpoint: {e}") from None
+        check_decoder(args, model, tokenizer)
         m = len(model.cfg.bits)
         try:
             classes = (list(range(model.cfg.num_classes)) if args.classes is None
@@ -201,12 +243,15 @@ def _evaluate(args, out: Path, info, feature_fn) -> int:
             scales = per_subtoken(parse_floats(args.cfg, "cfg"), m, "--cfg", model.cfg.cfg_scales or 1.0)
             temps = per_subtoken(parse_floats(args.temperature, "temperature"), m, "--temperature",
                                   model.cfg.temperatures or 1.0)
+            check_seed(args.seed, len(classes) * args.per_class)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         bad = [c for c in classes if not 0 <= c < model.cfg.num_classes]
         if bad or not classes:
             raise SystemExit(f"error: classes must be a non-empty subset of [0, {model.cfg.num_classes}), got {bad or 'none'}")
         labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)  # class-major order
+        _enough(len(labels), f"--classes x --per-class ({len(classes)} x {args.per_class})")
+        reference = _reference(args, model.cfg.grid[0] * tokenizer.downsample_factor, info.is_main, info.distributed)
         t0 = time.time()
         indices, samples = generate_samples(
             model, tokenizer, labels, batch_size=args.batch_size, seed=args.seed, device=device,
@@ -216,23 +261,29 @@ def _evaluate(args, out: Path, info, feature_fn) -> int:
             del model, tokenizer
             _write_part(out, info.rank, info.world_size, indices, samples)
             samples = None
-            _barrier(device)  # every part is on disk
+            collectives.barrier()  # every part is on disk
             if not info.is_main:
                 return 0
             samples = _merge_parts(out, info.world_size, len(labels))
         settings.update({"ckpt": str(args.ckpt), "tokenizer": str(args.tokenizer), "cfg_scales": list(scales),
                          "temperatures": list(temps), "num_classes": len(classes),
                          "sampling_seconds": round(time.time() - t0, 1)})
-        gm.save_npz(out / "samples.npz", samples, labels)
+        try:
+            write_samples(out / SAMPLES_FILE, samples, labels)
+        except OSError as e:  # atomic: no torn samples.npz is left
+            raise SystemExit(f"error: cannot write {out / SAMPLES_FILE}: {e.strerror or e}") from None
         if info.distributed:
             _remove_parts(out, info.world_size)
     try:
-        reference = gm.load_reference(args.ref, size=samples.shape[1])
-        metrics = gm.compute_metrics(samples, reference, feature_fn, batch_size=args.feature_batch)
+        metrics = gm.compute_metrics(samples, reference, feature_fn, batch_size=args.feature_batch, k=PR_K,
+                                     device=info.device)  # the neighbour distances on the accelerator
     except gm.MetricsError as e:
         raise SystemExit(f"error: {e}") from None
     result = {**metrics, "settings": settings}
-    atomic.write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+    try:
+        atomic.write_text(out / METRICS_FILE, json.dumps(result, indent=2) + "\n")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {out / METRICS_FILE}: {e.strerror or e}") from None
     print(json.dumps({k: v for k, v in metrics.items()}, indent=None))
     return 0
 

@@ -10,6 +10,10 @@ the same Llama block:
       with the same embedding tables as the inter input. Output m goes through the shared final norm
       and head m to predict sub-token m.
 
+With ``n_intra = 0`` (the ablation of docs/ablations.md) there is no intra transformer: every head m reads
+the normed inter output h_t directly, so the M sub-tokens of a position are predicted independently of each
+other (same sub-vocabularies, no next sub-token prediction).
+
 Loss = sum over sub-tokens of the cross-entropy, mean over tokens; with zero-initialised heads a fresh model
 gives exactly sum_m ln V_m (ln 64 + ln 4096 = 12.4766 for (6, 12)).
 """
@@ -83,6 +87,11 @@ class FactorizedAR(nn.Module):
     def num_subtokens(self) -> int:
         return len(self.cfg.bits)
 
+    @property
+    def independent_heads(self) -> bool:
+        """No intra blocks: every head reads the inter output (n_intra = 0)."""
+        return self.cfg.n_intra == 0
+
     def split(self, indices: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Full token indices (any shape) -> tuple of sub-tokens, lowest bits first."""
         return split_index(indices, self.cfg.bits)
@@ -134,6 +143,9 @@ class FactorizedAR(nn.Module):
         tok = self.embed(subtokens)                                       # (B, T, D)
         x = torch.cat([self.class_emb(labels)[:, None], tok[:, :-1]], 1)  # start token, tokens 0..T-2
         h = self.run_inter(self.drop(x))                                  # (B, T, D)
+        if self.independent_heads:
+            y = self.norm(h)
+            return tuple(head(y) for head in self.heads)
         # Intra sequences: [h_t, emb_0(sub_0), ..., emb_{M-2}(sub_{M-2})] for every position t.
         seq = [h] + [self.tok_emb[m](subtokens[m]) for m in range(M - 1)]
         y = self.run_intra(torch.stack(seq, dim=2).flatten(0, 1))          # (B*T, M, D)

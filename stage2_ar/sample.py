@@ -15,6 +15,7 @@ the same tokens whichever device the model runs on, up to floating-point differe
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
@@ -22,6 +23,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from stage2_ar import decoding
 from stage2_ar.model import FactorizedAR
 
 Number = Union[int, float]
@@ -40,6 +42,28 @@ def per_subtoken(value, m: int, name: str, default) -> Tuple:
     return value
 
 
+def _values(v) -> Tuple:
+    return () if v is None else tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def check_sampling(cfg_scales=None, temperatures=None, top_k=0, top_p=1.0) -> None:
+    """Refuse settings that would sample silently wrong (one value or one per sub-token each; None = default):
+    top_p outside (0, 1] (0 masks every token: all-zero grids), a negative temperature (samples the inverted
+    distribution), a negative or fractional top_k, a non-finite CFG scale or temperature. One-line ValueError."""
+    for s in _values(cfg_scales):
+        if not math.isfinite(float(s)):
+            raise ValueError(f"CFG scale must be a finite number, got {s}")
+    for t in _values(temperatures):
+        if not (math.isfinite(float(t)) and float(t) >= 0):
+            raise ValueError(f"temperature must be >= 0 (0 = argmax) and finite, got {t}")
+    for k in _values(top_k):
+        if isinstance(k, bool) or int(k) != k or k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {k}")
+    for q in _values(top_p):
+        if not 0 < float(q) <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (1 = off), got {q}")
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set logits outside the top-k and outside the nucleus of mass top_p to -inf (at least one survives)."""
     v = logits.shape[-1]
@@ -56,30 +80,37 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def _uniforms(n: int, generator, device) -> torch.Tensor:
-    """(n, 1) uniforms in (0, 1]: from one generator, or one draw per row from a list of n generators."""
+def uniforms(n: int, steps: int, generator, device) -> torch.Tensor:
+    """(steps, n) uniforms in (0, 1], drawn up front in one call per generator and copied to ``device`` once.
+
+    ``generator``: None (global RNG), one torch.Generator on any device, or a list of n generators, one per
+    row: row i then holds the first ``steps`` uniforms of generator i, whichever rows share its batch. On
+    CPU generators this is the same stream as one draw per step (the generator is consumed in order).
+    """
     if isinstance(generator, (list, tuple)):
         if len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} rows")
-        u = torch.cat([torch.rand(1, 1, generator=g, device=g.device).to(device) for g in generator])
+        u = torch.stack([torch.rand(steps, generator=g, device=g.device).to(device) for g in generator], 1)
     else:
         gdev = generator.device if generator is not None else torch.device("cpu")
-        u = torch.rand(n, 1, generator=generator, device=gdev).to(device)
+        u = torch.rand(steps, n, generator=generator, device=gdev).to(device)
     return 1.0 - u
 
 
-def draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
+def draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None,
+         u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One sample per row of (N, V) logits; temperature 0 means argmax.
 
-    ``generator``: None (global RNG), a torch.Generator on any device, or one generator per row (then each
-    row's draws do not depend on which other rows share its batch).
+    ``u``: this draw's (N,) uniforms in (0, 1] (see ``uniforms``); else drawn here from ``generator``.
     """
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
     cdf = probs.cumsum(-1)
-    u = _uniforms(logits.shape[0], generator, logits.device) * cdf[:, -1:]
+    if u is None:
+        u = uniforms(logits.shape[0], 1, generator, logits.device)[0]
+    u = u.reshape(-1, 1) * cdf[:, -1:]
     # first index whose cdf reaches u: it always has non-zero probability since u > 0
     return (cdf < u).sum(-1).clamp_(max=logits.shape[-1] - 1)
 
@@ -97,6 +128,8 @@ def generate(
     use_cache: bool = True,
     guidance: Optional[bool] = None,
     return_logits: bool = False,
+    static: bool = False,
+    compile: Optional[str] = None,
 ):
     """Sample token grids for ``labels`` (B,): returns (B, h, w) int64 18-bit indices on the model's device.
 
@@ -104,7 +137,9 @@ def generate(
     (the paper's per-preset settings), else 1.0. guidance: None = use CFG when any scale differs from 1,
     True = always run the doubled batch, False = never. generator: one torch.Generator (any device) or a list
     of B generators, one per image (a seed per image: results independent of batching). use_cache=False
-    recomputes the whole prefix at every step (the benchmark's baseline). return_logits=True also returns
+    recomputes the whole prefix at every step (the benchmark's baseline). static=True runs fixed-shape steps
+    (``stage2_ar.decoding.Static``, reused across calls with the same batch), which ``compile`` (a
+    ``torch.compile`` mode; "reduce-overhead" captures CUDA graphs) compiles. return_logits=True also returns
     the conditional logits that produced each sub-token (M tensors (B, h*w, V_m), fp32), to check them
     against a teacher-forced forward.
     """
@@ -114,17 +149,33 @@ def generate(
     temps = per_subtoken(temperatures, M, "temperatures", cfg.temperatures or 1.0)
     ks = per_subtoken(top_k, M, "top_k", 0)
     ps = per_subtoken(top_p, M, "top_p", 1.0)
+    check_sampling(scales, temps, ks, ps)
     guided = any(float(s) != 1.0 for s in scales) if guidance is None else bool(guidance)
 
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, labels, scales, temps, ks, ps, guided, generator, use_cache, return_logits)
+        return _generate(model, labels, scales, temps, ks, ps, guided, generator, use_cache, return_logits,
+                         static, compile)
     finally:
         model.train(was_training)
 
 
-def _generate(model, labels, scales, temps, ks, ps, guided, generator, use_cache, return_logits):
+def _stepper(model, batch: int, use_cache: bool, static: bool, compile: Optional[str]):
+    if compile is not None and not static:
+        raise ValueError("compile needs static=True (fixed-shape decode steps)")
+    if static:
+        if not use_cache:
+            raise ValueError("static=True is a KV-cache decoder; it cannot be combined with use_cache=False")
+        key = (batch, decoding.cache_dtype(model, model.class_emb.weight.device), compile)
+        per_model = model.__dict__.setdefault("_static_steppers", {})  # a plain attribute: not a submodule
+        if key not in per_model:  # built (and compiled) once per batch size: later calls reuse the graphs
+            per_model[key] = decoding.Static(model, batch, compile)
+        return per_model[key]
+    return decoding.Cached(model) if use_cache else decoding.Recompute(model)
+
+
+def _generate(model, labels, scales, temps, ks, ps, guided, generator, use_cache, return_logits, static, compile):
     cfg = model.cfg
     M, T = len(cfg.bits), cfg.num_tokens
     device = model.class_emb.weight.device
@@ -137,25 +188,20 @@ def _generate(model, labels, scales, temps, ks, ps, guided, generator, use_cache
     def both(x):  # feed the same sampled sub-token to the conditional and unconditional halves
         return torch.cat([x, x]) if guided else x
 
+    # every uniform of the run at once: no per-draw host-to-device copy (temperature 0 draws none)
+    random_m = [m for m in range(M) if float(temps[m]) != 0]
+    u_all = uniforms(b, T * len(random_m), generator, device)
     out = [torch.zeros(b, T, dtype=torch.long, device=device) for _ in range(M)]
     kept = [[] for _ in range(M)] if return_logits else None
-    inter_cache = model.new_cache("inter") if use_cache else None
-    intra_cache = model.new_cache("intra") if use_cache else None
+    step = _stepper(model, lab.shape[0], use_cache, static, compile)
     x = model.class_emb(lab)[:, None]  # inter input of position 0
-    prefix = x
     for t in range(T):
-        if use_cache:
-            h = model.run_inter(x, start=t, cache=inter_cache)
-        else:
-            prefix = x if t == 0 else torch.cat([prefix, x], 1)
-            h = model.run_inter(prefix)[:, -1:]
-        y, intra_prefix, picked = h, h, []
+        h = step.inter(x, t)
+        y, picked = h, []
+        head_in = model.norm(h)[:, -1] if model.independent_heads else None
         for m in range(M):
-            if use_cache:
-                o = model.run_intra(y, start=m, cache=intra_cache)[:, -1]
-            else:
-                intra_prefix = y if m == 0 else torch.cat([intra_prefix, y], 1)
-                o = model.run_intra(intra_prefix)[:, -1]
+            # n_intra = 0: every head reads the inter output
+            o = head_in if head_in is not None else step.intra(y, m)
             logits = model.heads[m](o).float()
             if guided:
                 cond, uncond = logits.chunk(2)
@@ -164,7 +210,8 @@ def _generate(model, labels, scales, temps, ks, ps, guided, generator, use_cache
                 cond = mixed = logits
             if kept is not None:
                 kept[m].append(cond)
-            sub = draw(mixed, float(temps[m]), int(ks[m]), float(ps[m]), generator)
+            u = u_all[t * len(random_m) + random_m.index(m)] if m in random_m else None
+            sub = draw(mixed, float(temps[m]), int(ks[m]), float(ps[m]), u=u)
             out[m][:, t] = sub
             picked.append(both(sub))
             if m < M - 1:
@@ -177,12 +224,6 @@ def _generate(model, labels, scales, temps, ks, ps, guided, generator, use_cache
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-def to_uint8_truncated(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 as the official sampler saves: (x+1)/2*255, clip, truncate."""
-    x = ((images.detach().float().cpu() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -200,20 +241,72 @@ def parse_floats(text: Optional[str], name: str):
         raise SystemExit(f"error: --{name} takes comma-separated numbers, got {text!r}") from None
 
 
+def check_seed(seed: int, n: int) -> None:
+    """The per-image seeds ``image_seed(seed, i)``, i < n, must fit a torch generator (64 bits)."""
+    if seed < 0 or image_seed(seed, n) >= 2 ** 64:
+        raise ValueError(f"--seed must lie in [0, {(2 ** 64 - n) // 1_000_003}], got {seed}")
+
+
+def check_cli_sampling(args: argparse.Namespace) -> None:
+    """The sampling flags of this CLI and of stage2_ar.evaluate, checked before anything is loaded."""
+    check_sampling(parse_floats(args.cfg, "cfg"), parse_floats(args.temperature, "temperature"), args.top_k, args.top_p)
+
+
+def training_tokens(ar_meta) -> Optional[dict]:
+    """What an AR checkpoint knows about the tokens it was trained on (``shared.token_dataset.tokens_record``):
+    the record ``stage2_ar.train`` stores, else the manifest of its local training dataset, else None (e.g. a
+    converted official checkpoint: nothing to check against)."""
+    from shared import token_dataset as td
+
+    extra = ar_meta.get("extra") or {}
+    if isinstance(extra.get("tokens"), dict):
+        return extra["tokens"]
+    data = (extra.get("train_config") or {}).get("data") or {}
+    path = data.get("path") if isinstance(data, dict) else None
+    if not isinstance(path, str) or not path or td.is_remote(path) or not (Path(path) / td.MANIFEST).is_file():
+        return None
+    try:
+        return td.tokens_record(td.read_manifest(path))
+    except td.ManifestError:
+        return None
+
+
+def check_decoder(args: argparse.Namespace, model: FactorizedAR, tokenizer) -> None:
+    """The tokenizer must decode this AR model's tokens: the same bit count and, unless
+    ``--allow-tokenizer-mismatch``, the tokenizer of its training dataset. Exits with one line otherwise."""
+    from shared import token_dataset as td
+    from shared.checkpoint import load_meta
+
+    if tokenizer.bits != sum(model.cfg.bits):
+        raise SystemExit(f"error: tokenizer has {tokenizer.bits}-bit tokens, AR model expects {sum(model.cfg.bits)}")
+    record = None if args.allow_tokenizer_mismatch else training_tokens(load_meta(args.ckpt))
+    if record is not None:
+        try:
+            td.check_tokenizer(record, args.tokenizer, downsample_factor=tokenizer.downsample_factor,
+                               allow="--allow-tokenizer-mismatch")
+        except td.ManifestError as e:
+            raise SystemExit(f"error: {e}") from None
+
+
 def _parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stage2_ar.sample", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="AR checkpoint directory (kind 'ar')")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory (kind 'tokenizer')")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer checkpoint directory (kind 'tokenizer') that made the AR model's tokens")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="decode with --tokenizer even if it is not the tokenizer of the AR model's token dataset")
     p.add_argument("--classes", required=True, help="comma-separated class ids, e.g. 0,1,2")
     p.add_argument("--per-class", type=int, default=4)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--npz", action="store_true", help="also write samples.npz (ADM format: uint8 NHWC, arr_0)")
+    p.add_argument("--out", required=True, help="output directory (new, or one holding only this tool's files)")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds other files")
+    p.add_argument("--npz", action="store_true",
+                   help="also write samples.npz (ADM layout, see stage2_ar.samples_npz: arr_0 images, arr_1 labels)")
     p.add_argument("--no-grid", action="store_true", help="skip the PNG grid (e.g. for 50k-sample runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg", default=None, help="CFG scale(s), one or one per sub-token (default: checkpoint's)")
-    p.add_argument("--temperature", default=None, help="temperature(s), one or one per sub-token")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", default=None, help="temperature(s) >= 0, one or one per sub-token (0: argmax)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely sub-tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (1: off)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or npu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -224,9 +317,11 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
     from shared.checkpoint import CheckpointError
     from shared.device import autocast, device_type
+    from shared.images import to_uint8_nhwc
     from shared.runlog import image_grid, save_png
-    from shared import atomic
+    from stage2_ar.samples_npz import GRID_FILE, SAMPLES_FILE, check_output_dir, write_samples
 
+    # Everything a user typed is checked before a model is loaded or a token sampled.
     try:
         classes = [int(c) for c in args.classes.split(",") if c.strip() != ""]
     except ValueError:
@@ -241,8 +336,11 @@ def main(argv=None) -> int:
         if not Path(getattr(args, name)).is_dir():
             raise SystemExit(f"error: --{name} {getattr(args, name)} is not a directory")
     try:
+        check_cli_sampling(args)
+        check_seed(args.seed, len(classes) * args.per_class)
+        out = check_output_dir(args.out, overwrite=args.overwrite)
         device = torch.device(device_type(args.device))
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError) as e:  # OutputError is a ValueError
         raise SystemExit(f"error: {e}") from None
 
     try:
@@ -267,9 +365,7 @@ def main(argv=None) -> int:
         tokenizer = Tokenizer.from_checkpoint(args.tokenizer, device=device).eval()
     except (CheckpointError, ValueError, KeyError) as e:
         raise SystemExit(f"error: cannot load tokenizer checkpoint: {e}") from None
-    tok_bits = getattr(tokenizer, "bits", sum(model.cfg.bits))
-    if tok_bits != sum(model.cfg.bits):
-        raise SystemExit(f"error: tokenizer has {tok_bits}-bit tokens, AR model expects {sum(model.cfg.bits)}")
+    check_decoder(args, model, tokenizer)
 
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(args.per_class)
     images = []  # uint8 NHWC per batch: 50k images at 256px stay under 10 GB
@@ -280,21 +376,20 @@ def main(argv=None) -> int:
         with autocast(device, args.precision):
             idx = generate(model, batch, cfg_scales=scales, temperatures=temps,
                            top_k=args.top_k, top_p=args.top_p, generator=gens)
-        images.append(to_uint8_truncated(tokenizer.decode(idx, precision=args.precision)))
+        images.append(to_uint8_nhwc(tokenizer.decode(idx, precision=args.precision)))
         print(f"sampled {i + len(batch)}/{len(labels)}", file=sys.stderr)
     images = np.concatenate(images)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.no_grid:
-        as_float = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        save_png(image_grid(as_float, nrow=args.per_class), out / "grid.png")
-        print(f"wrote {out / 'grid.png'}")
-    if args.npz:
-        with atomic.atomic_path(out / "samples.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, arr_0=images, labels=labels.numpy())
-        print(f"wrote {out / 'samples.npz'} ({len(labels)} images)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.no_grid:
+            save_png(image_grid(images, nrow=args.per_class), out / GRID_FILE)  # the very pixels of the npz
+            print(f"wrote {out / GRID_FILE}")
+        if args.npz:
+            write_samples(out / SAMPLES_FILE, images, labels.numpy())
+            print(f"wrote {out / SAMPLES_FILE} ({len(labels)} images)")
+    except OSError as e:  # e.g. the disk filled up: each file is written atomically, none is left torn
+        raise SystemExit(f"error: cannot write {out}: {e.strerror or e}") from None
     return 0
 
 

@@ -15,24 +15,26 @@ SIGTERM); all ranks stop after the same step.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from shared import checkpoint as ckpt
-from shared.config import ConfigError, add_config_args, from_args, save_config, to_dict
+from shared import collectives
+from shared import token_dataset as td
+from shared.config import ConfigError, to_dict
 from shared.device import DistInfo, autocast, cleanup_distributed, init_distributed
-from shared.preemption import Preemption
 from shared.rng import rng_state, seed_everything, set_rng_state
-from shared.runlog import RunLogger, get_logger, progress
+from shared.run_checkpoints import save_training_checkpoint, step_dir
+from shared.run_config import check_run_config
+from shared.runlog import get_logger, progress
+from shared.training_run import TrainingRun, train_main
 from stage2_ar import data as sdata
 from stage2_ar.lr_schedule import WarmupHoldDecay, build_scheduler, load_scheduler_state
 from stage2_ar.model import KIND, FactorizedAR, subtoken_loss
@@ -75,6 +77,14 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
 
 # ---------------------------------------------------------------------------------------------- model wrapping
 
+def compile_blocks(model: FactorizedAR, **compile_kwargs) -> FactorizedAR:
+    """``torch.compile`` every inter/intra block in place (before DDP/FSDP wrap them): the blocks are the
+    FLOPs, state_dict keys stay the official ones, and per-block graphs compose with FSDP's per-block shards."""
+    for block in list(model.inter) + list(model.intra):
+        block.compile(**compile_kwargs)
+    return model
+
+
 def wrap(model: FactorizedAR, cfg: TrainConfig, info: DistInfo) -> nn.Module:
     """DDP, or FSDP (per-block sharding) for the large presets; the plain model on one device."""
     if not info.distributed:
@@ -115,38 +125,19 @@ def _sd_options(saving: bool = True):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
-def save_training_checkpoint(path: Path, model: FactorizedAR, wrapped: nn.Module, opt, sched, step: int,
-                             loader, cfg: TrainConfig, info: DistInfo) -> None:
-    """Gather full weights / optimiser state and every rank's RNG; rank 0 writes one atomic directory."""
+def save_checkpoint(out: Path, step: int, model: FactorizedAR, wrapped: nn.Module, opt, sched, loader,
+                    cfg: TrainConfig, info: DistInfo, tokens: Dict[str, Any] | None = None) -> Path:
+    """Collective: gather full weights / optimiser state (FSDP shards included) and every rank's RNG.
+    ``tokens``: the dataset's ``shared.token_dataset.tokens_record`` (which tokenizer decodes the samples)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     msd = get_model_state_dict(wrapped, options=_sd_options())
     osd = get_optimizer_state_dict(wrapped, opt, options=_sd_options())
-    rngs = [rng_state()]
-    if info.distributed:
-        rngs = [None] * info.world_size
-        dist.all_gather_object(rngs, rng_state())
-    data_state = loader.state_dict()
-    if info.is_main:
-        state = {"step": step, "optimizer": osd, "scheduler": sched.state_dict(), "rng": rngs,
-                 "data": data_state, "world_size": info.world_size}
-        ckpt.save_checkpoint(path, msd, to_dict(cfg.model), kind=KIND, trainer_state=state,
-                             extra={"step": step, "train_config": to_dict(cfg)})
-        ckpt.prune(path.parent, cfg.keep_last)
-    if info.distributed:
-        dist.barrier()
-
-
-def find_resume(cfg: TrainConfig) -> Optional[Path]:
-    if cfg.resume == "":
-        return None
-    if cfg.resume == "auto":
-        found = ckpt.step_dirs(cfg.out_dir)
-        return found[-1] if found else None
-    path = Path(cfg.resume)
-    if not (path / ckpt.CONFIG).is_file():
-        raise ConfigError(f"resume={cfg.resume} is not a checkpoint directory")
-    return path
+    return save_training_checkpoint(
+        out, step, kind=KIND, weights=lambda: msd, config=to_dict(cfg.model),
+        trainer_state=lambda: {"optimizer": osd, "scheduler": sched.state_dict()},
+        per_rank={"rng": rng_state(), "data": loader.state_dict()}, keep_last=cfg.keep_last,
+        is_main=info.is_main, extra={"train_config": to_dict(cfg), "tokens": tokens})
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -196,14 +187,6 @@ def sample_images(model: FactorizedAR, cfg: TrainConfig, tokenizer=None) -> torc
 
 # ---------------------------------------------------------------------------------------------- loop
 
-def _mean_across(x: torch.Tensor, info: DistInfo) -> float:
-    if info.distributed:
-        x = x.detach().clone()
-        dist.all_reduce(x)
-        x /= info.world_size
-    return float(x)
-
-
 @torch.no_grad()
 def evaluate_loss(wrapped: nn.Module, loader, cfg: TrainConfig, info: DistInfo) -> float:
     wrapped.eval()
@@ -216,164 +199,166 @@ def evaluate_loss(wrapped: nn.Module, loader, cfg: TrainConfig, info: DistInfo) 
             total += subtoken_loss(wrapped(subs, labels), subs).float()
         n += 1
     wrapped.train()
-    return _mean_across(total / max(1, n), info)
+    return collectives.mean_over_ranks({"val_loss": total / max(1, n)})["val_loss"]
+
+
+PRECISIONS = ("fp32", "bf16")  # fp16 would need loss scaling; the official recipe is bf16
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run (or resume) training; returns a summary (final step, last logged loss, checkpoint path, and
     ``preempted``: 0, or the exit status 128 + signal when SIGTERM/SIGINT stopped it with a checkpoint)."""
-    with Preemption() as stop:
-        return _train(cfg, stop)
-
-
-def _train(cfg: TrainConfig, stop: Preemption) -> Dict[str, Any]:
+    check_run_config(cfg, PRECISIONS)
     if not cfg.data.path:
         raise ConfigError("data.path is required (a token dataset directory or a remote URI)")
+    cfg.model.validate()
     info = init_distributed(cfg.device)
     get_logger("stage2_ar.train", info.rank)
-    out = Path(cfg.out_dir)
     try:
-        if cfg.data.clean_stale_shm:
-            sdata.clean_stale_shared_memory()
-        manifest = sdata.read_manifest(cfg.data.path, str(out / "mds-cache"))
-        sdata.check_manifest(manifest, cfg.model)
-        layout = sdata.TokenLayout.from_manifest(manifest)
-        accum = accumulation_steps(cfg.data.global_batch, cfg.data.micro_batch, info.world_size)
-
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        model = FactorizedAR(cfg.model)
-        resume_dir = find_resume(cfg)
-        state = None
-        if resume_dir is not None:
-            ckpt.load_weights(model, resume_dir, kind=KIND)
-            state = ckpt.load_trainer_state(resume_dir)
-            if state is None:
-                raise ConfigError(f"{resume_dir} has no trainer state; cannot resume from it")
-        model.to(info.device)
-        wrapped = wrap(model, cfg, info)
-        opt = torch.optim.AdamW(param_groups(wrapped, cfg.optim.decay, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-
-        loader = make_loader(cfg, cfg.data.split, layout, cfg.data.micro_batch, shuffle=True)
-        n_train = loader.dataset.size
-        steps_per_epoch = max(1, n_train // cfg.data.global_batch)
-        if cfg.schedule.max_steps > 0:
-            total, warmup = cfg.schedule.max_steps, cfg.schedule.warmup_steps
-        else:
-            total = max(1, round(cfg.schedule.epochs * steps_per_epoch))
-            warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
-        s = cfg.schedule
-        sched = build_scheduler(opt, WarmupHoldDecay(total, min(warmup, total), s.start_ratio, s.hold_frac, s.end_ratio))
-
-        step = 0
-        if state is not None:
-            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-            set_optimizer_state_dict(wrapped, opt, optim_state_dict=state["optimizer"],
-                                     options=_sd_options(saving=False))
-            load_scheduler_state(sched, state["scheduler"])
-            loader.load_state_dict(state["data"])
-            step = int(state["step"])
-            if state.get("world_size") == info.world_size:
-                set_rng_state(state["rng"][info.rank])
-            else:  # the data order still resumes exactly; dropout streams restart from a derived seed
-                log.warning("resuming on %d device(s) from a %s-device run: dropout RNG re-seeded",
-                            info.world_size, state.get("world_size"))
-                seed_everything(cfg.seed + 7919 * step + info.rank)
-            log.info("resumed from %s at step %d", resume_dir, step)
-        else:
-            seed_everything(cfg.seed + 1 + info.rank)  # independent dropout streams per rank
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "train_config.yaml")
-        val_loader = (make_loader(cfg, cfg.data.val_split, layout, cfg.data.micro_batch, shuffle=False)
-                      if cfg.data.val_split and cfg.eval_every > 0 else None)
-        tokenizer = None
-        if cfg.tokenizer and cfg.sample_every > 0 and info.is_main:
-            try:
-                from stage1_tokenizer.tokenizer import Tokenizer
-
-                tokenizer = Tokenizer.from_checkpoint(cfg.tokenizer, device=info.device).eval()
-            except (ImportError, OSError, ckpt.CheckpointError, KeyError, ValueError) as e:
-                raise ConfigError(f"tokenizer={cfg.tokenizer} cannot be loaded for sample grids: {e}") from None
-
-        logger = RunLogger(out, info.rank, tensorboard=cfg.tensorboard)
-        end = min(total, cfg.stop_after) if cfg.stop_after > 0 else total
-        log.info("%d train images, %d steps/epoch, %d steps (warm-up %d), global batch %d = %d x %d x %d accum; "
-                 "%.2fM params", n_train, steps_per_epoch, total, warmup, cfg.data.global_batch,
-                 cfg.data.micro_batch, info.world_size, accum, sum(p.numel() for p in model.parameters()) / 1e6)
-
-        batches = forever(loader)
-        bar = progress(range(step, end), rank=info.rank, initial=step, total=end, desc="train")
-        last = {}
-        t0, imgs = time.time(), 0
-        wrapped.train()
-        for _ in bar:
-            loss_sum = torch.zeros((), device=info.device)
-            for micro in range(accum):
-                subs, labels = sdata.batch_to_inputs(next(batches), info.device)
-                with _no_sync(wrapped, cfg, info, sync=micro == accum - 1):
-                    with autocast(info.device, cfg.precision):
-                        loss = subtoken_loss(wrapped(subs, labels), subs)
-                    (loss / accum).backward()
-                loss_sum += loss.detach().float()
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
-            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            imgs += cfg.data.global_batch
-
-            if step % cfg.log_every == 0 or step == end:
-                dt = max(time.time() - t0, 1e-9)
-                last = {"loss": _mean_across(loss_sum / accum, info), "lr": lr, "grad_norm": float(gnorm),
-                        "epoch": step * cfg.data.global_batch / n_train, "images_per_s": imgs / dt}
-                logger.scalars(step, last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
-                t0, imgs = time.time(), 0
-            if val_loader is not None and step % cfg.eval_every == 0:
-                logger.scalars(step, {"val_loss": evaluate_loss(wrapped, val_loader, cfg, info)})
-            if cfg.sample_every > 0 and step % cfg.sample_every == 0:
-                if cfg.parallel == "fsdp" and info.distributed:
-                    log.warning("sample grids are skipped under FSDP; sample from a checkpoint instead")
-                elif info.is_main:
-                    logger.images(step, "samples", sample_images(model, cfg, tokenizer), nrow=cfg.sample_per_class)
-            saved = step % cfg.ckpt_every == 0 or step == end
-            if saved:
-                save_training_checkpoint(ckpt.step_dir(out, step), model, wrapped, opt, sched, step, loader, cfg, info)
-            if step < end and stop.should_stop(info):  # every step, on every rank: all stop after the same step
-                if not saved:
-                    save_training_checkpoint(ckpt.step_dir(out, step), model, wrapped, opt, sched, step, loader,
-                                             cfg, info)
-                log.warning("preempted (%s): stopped after step %d with a checkpoint; resume with the same command",
-                            stop.signal_name, step)
-                break
-        batches.close()  # drops the loader iterator, which shuts down its workers (they ignore SIGTERM)
-        logger.close()
-        final = ckpt.step_dir(out, step)
-        return {"step": step, "total_steps": total, "last": last, "checkpoint": str(final),
-                "preempted": stop.exit_code}
+        with TrainingRun(cfg, info, PRECISIONS) as run:
+            summary = _train(cfg, info, run)
+        return {**summary, "preempted": run.exit_code}
     finally:
         cleanup_distributed()
 
 
+def _train(cfg: TrainConfig, info: DistInfo, run: TrainingRun) -> Dict[str, Any]:
+    out = Path(cfg.out_dir)
+    if cfg.data.clean_stale_shm:
+        # this run's own cache: frees what a killed earlier run of this job left, never other jobs' segments
+        sdata.clean_stale_shared_memory([cfg.data.cache_dir or str(out / "mds-cache")])
+    manifest = sdata.read_manifest(cfg.data.path, str(out / "mds-cache"))
+    sdata.check_manifest(manifest, cfg.model)
+    layout = sdata.TokenLayout.from_manifest(manifest)
+    accum = accumulation_steps(cfg.data.global_batch, cfg.data.micro_batch, info.world_size)
+
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    model = FactorizedAR(cfg.model)
+    resume_dir = run.resume_path()
+    state = None
+    if resume_dir is not None:
+        ckpt.load_weights(model, resume_dir, kind=KIND)
+        state = ckpt.load_trainer_state(resume_dir)
+    model.to(info.device)
+    if cfg.compile:
+        compile_blocks(model)
+    wrapped = wrap(model, cfg, info)
+    opt = torch.optim.AdamW(param_groups(wrapped, cfg.optim.decay, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            fused=info.device.type == "cuda")  # one kernel for all parameters on CUDA
+
+    loader = make_loader(cfg, cfg.data.split, layout, cfg.data.micro_batch, shuffle=True)
+    n_train = loader.dataset.size
+    steps_per_epoch = max(1, n_train // cfg.data.global_batch)
+    if cfg.schedule.max_steps > 0:
+        total, warmup = cfg.schedule.max_steps, cfg.schedule.warmup_steps
+    else:
+        total = max(1, round(cfg.schedule.epochs * steps_per_epoch))
+        warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    s = cfg.schedule
+    sched = build_scheduler(opt, WarmupHoldDecay(total, min(warmup, total), s.start_ratio, s.hold_frac, s.end_ratio))
+
+    step = 0
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapped, opt, optim_state_dict=state["optimizer"],
+                                 options=_sd_options(saving=False))
+        load_scheduler_state(sched, state["scheduler"])
+        ranks = state["ranks"]
+        loader.load_state_dict(ranks[0]["data"])  # the streaming position is global: the same on every rank
+        step = int(state["step"])
+        if state["world_size"] == info.world_size:
+            set_rng_state(ranks[info.rank]["rng"])
+        else:  # the data order still resumes exactly; dropout streams restart from a derived seed
+            log.warning("resuming on %d device(s) from a %s-device run: dropout RNG re-seeded",
+                        info.world_size, state["world_size"])
+            seed_everything(cfg.seed + 7919 * step + info.rank)
+        log.info("resumed from %s at step %d", resume_dir, step)
+    else:
+        seed_everything(cfg.seed + 1 + info.rank)  # independent dropout streams per rank
+    val_loader = (make_loader(cfg, cfg.data.val_split, layout, cfg.data.micro_batch, shuffle=False)
+                  if cfg.data.val_split and cfg.eval_every > 0 else None)
+    tokens = td.tokens_record(manifest)  # kept in every checkpoint: stage2_ar.sample checks its tokenizer with it
+    tokenizer = None
+    if cfg.tokenizer and cfg.sample_every > 0:
+        try:
+            # every rank checks it is the dataset's tokenizer (all stop together); rank 0 alone decodes grids
+            if not cfg.allow_tokenizer_mismatch:
+                td.check_tokenizer(tokens, cfg.tokenizer)
+            if info.is_main:
+                from stage1_tokenizer.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.from_checkpoint(cfg.tokenizer, device=info.device).eval()
+        except (ImportError, OSError, ckpt.CheckpointError, KeyError, ValueError) as e:
+            raise ConfigError(f"tokenizer={cfg.tokenizer} cannot be loaded for sample grids: {e}") from None
+
+    logger = run.begin(step)
+    log.info("%d train images, %d steps/epoch, %d steps (warm-up %d), global batch %d = %d x %d x %d accum; "
+             "%.2fM params", n_train, steps_per_epoch, total, warmup, cfg.data.global_batch,
+             cfg.data.micro_batch, info.world_size, accum, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    def save() -> Path:
+        return save_checkpoint(out, step, model, wrapped, opt, sched, loader, cfg, info, tokens)
+
+    batches = forever(loader)
+    bar = progress(None, rank=info.rank, initial=step, total=total, desc="train")
+    last = {}
+    t0, imgs = time.time(), 0
+    wrapped.train()
+    while step < total:
+        loss_sum = torch.zeros((), device=info.device)
+        for micro in range(accum):
+            subs, labels = sdata.batch_to_inputs(next(batches), info.device)
+            with _no_sync(wrapped, cfg, info, sync=micro == accum - 1):
+                with autocast(info.device, cfg.precision):
+                    loss = subtoken_loss(wrapped(subs, labels), subs)
+                (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        imgs += cfg.data.global_batch
+        bar.update(1)
+
+        if run.log_due(step, total):
+            dt = max(time.time() - t0, 1e-9)
+            last = {"loss": collectives.mean_over_ranks({"loss": loss_sum / accum})["loss"], "lr": lr,
+                    "grad_norm": float(gnorm), "epoch": step * cfg.data.global_batch / n_train,
+                    "images_per_s": imgs / dt}
+            logger.scalars(step, last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+            t0, imgs = time.time(), 0
+        if val_loader is not None and step % cfg.eval_every == 0:
+            logger.scalars(step, {"val_loss": evaluate_loss(wrapped, val_loader, cfg, info)})
+        if cfg.sample_every > 0 and step % cfg.sample_every == 0:
+            if cfg.parallel == "fsdp" and info.distributed:
+                log.warning("sample grids are skipped under FSDP; sample from a checkpoint instead")
+            elif info.is_main:
+                logger.images(step, "samples", sample_images(model, cfg, tokenizer), nrow=cfg.sample_per_class)
+        if run.end_of_step(step, total, save):
+            break
+    bar.close()
+    batches.close()  # drops the loader iterator, which shuts down its workers (they ignore SIGTERM)
+    return {"step": step, "total_steps": total, "last": last, "checkpoint": str(step_dir(out, step))}
+
+
+def _run(cfg: TrainConfig) -> int:
+    summary = train(cfg)
+    if not summary["preempted"]:
+        log.info("done: step %d, %s", summary["step"], summary["last"])
+    return summary["preempted"]
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stage2_ar.train", description=__doc__.split("\n")[0])
-    add_config_args(p, default="ar-B")
-    args = p.parse_args(argv)
-    try:
-        cfg = from_args(TrainConfig, PRESETS, args)
-        cfg.model.validate()
-        summary = train(cfg)
-    except (ConfigError, sdata.ManifestError, ckpt.CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
-    if summary["preempted"]:
-        return summary["preempted"]
-    log.info("done: step %d, %s", summary["step"], summary["last"])
-    return 0
+    """0 when the run ended or stopped as asked; 128 + signal (143: SIGTERM) when it was preempted."""
+    return train_main(argv, prog="python -m stage2_ar.train", doc=__doc__, config_cls=TrainConfig, presets=PRESETS,
+                      default="ar-B", run=_run, errors=(sdata.ManifestError,))
 
 
 if __name__ == "__main__":

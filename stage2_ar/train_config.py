@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
+from shared.run_config import RunConfig
 from stage2_ar.config import PRESETS as MODEL_PRESETS
 from stage2_ar.config import ARConfig
 
@@ -59,21 +60,16 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(RunConfig):
+    """Run settings (out_dir, seed, device, precision, resume, stop_after, ckpt_every, keep_last, log_every,
+    tensorboard, threads) are ``shared.run_config.RunConfig``'s, with the same meaning in both stages."""
     model: ARConfig = field(default_factory=lambda: MODEL_PRESETS["ar-B"])
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     out_dir: str = "runs/ar"
-    seed: int = 0
-    device: str = "auto"                  # auto, cuda, npu, cpu
-    precision: str = "bf16"               # fp32, bf16 (autocast; weights and optimiser stay fp32)
+    precision: str = "bf16"               # fp32 | bf16 (fp16 is refused: the AR trainer has no loss scaling)
     parallel: str = "ddp"                 # ddp or fsdp (shards parameters, gradients and optimiser state)
-    resume: str = "auto"                  # auto: newest checkpoint in out_dir; "": start fresh; or a checkpoint dir
-    stop_after: int = 0                   # stop (with a checkpoint) at this step without changing the schedule
-    log_every: int = 10
-    ckpt_every: int = 1000
-    keep_last: int = 3
     eval_every: int = 0
     eval_batches: int = 20
     sample_every: int = 0                 # PNG grid of class-conditional samples every N steps (0: off)
@@ -81,7 +77,7 @@ class TrainConfig:
     sample_per_class: int = 4
     sample_seed: int = 0
     tokenizer: str = ""                   # tokenizer checkpoint to decode samples; "" -> a bit-colour token view
-    tensorboard: bool = True
+    allow_tokenizer_mismatch: bool = False  # decode with a tokenizer other than the dataset's (a deliberate swap)
 
 
 def _preset(model: str, **kw) -> TrainConfig:

@@ -32,7 +32,7 @@ def photos(tmp_path_factory):
     """A few dozen real photo patches (scikit-image's bundled images), 24 px, for the tokenizer trainer."""
     from PIL import Image
 
-    from stage1_tokenizer.data import export_skimage_photos
+    from fixtures_images import export_skimage_photos
 
     root = tmp_path_factory.mktemp("photos")
     export_skimage_photos(root, tile=96, names=("astronaut", "coffee"))

@@ -127,8 +127,8 @@ def test_draw_follows_the_tempered_distribution():
 
 
 def _tiny_tokenizer(path):
-    tk = pytest.importorskip("stage1_tokenizer.tokenizer")
-    tc = pytest.importorskip("stage1_tokenizer.config")
+    from stage1_tokenizer import tokenizer as tk
+    from stage1_tokenizer import config as tc
     torch.manual_seed(0)
     tok = tk.Tokenizer(tc.PRESETS["tokenizer-tiny"])
     tok.save(path)
@@ -144,14 +144,19 @@ def test_cli_writes_grid_and_adm_npz(tmp_path):
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     side = TINY.grid[0] * tok.downsample_factor
-    arr = np.load(tmp_path / "a" / "samples.npz")["arr_0"]
+    with np.load(tmp_path / "a" / "samples.npz") as z:  # the layout of stage2_ar.samples_npz
+        assert z.files == ["arr_0", "arr_1"]
+        arr, labels = z["arr_0"], z["arr_1"]
     assert arr.shape == (6, side, side, 3) and arr.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 3, 3, 9, 9]
     assert np.array_equal(arr, np.load(tmp_path / "b" / "samples.npz")["arr_0"])  # same seed, same images
     from PIL import Image
 
     grid = np.asarray(Image.open(tmp_path / "a" / "grid.png"))
     pad = 2
     assert grid.shape == (3 * (side + pad) + pad, 2 * (side + pad) + pad, 3)  # one row per class
+    # the grid shows the npz's very pixels (class 3's second sample: row 1, column 1)
+    assert np.array_equal(grid[pad + side + pad:][:side, pad + side + pad:][:, :side], arr[3])
 
 
 def test_cli_errors_are_one_line_exits(tmp_path):

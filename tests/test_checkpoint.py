@@ -85,7 +85,7 @@ def test_shared_tensors_are_saved(tmp_path):
 def test_failed_write_keeps_old_checkpoint(tmp_path):
     ck.save_checkpoint(tmp_path / "c", {"w": torch.ones(2)}, kind="toy")
     with pytest.raises(RuntimeError):
-        with atomic_dir(tmp_path / "c") as tmp:
+        with atomic_dir(tmp_path / "c", replace_if=lambda p: ck.is_checkpoint(p, "toy")) as tmp:
             (tmp / "model.safetensors").write_bytes(b"partial")
             raise RuntimeError("crash mid-write")
     assert torch.equal(ck.load_state_dict(tmp_path / "c")["w"], torch.ones(2))
@@ -121,15 +121,6 @@ def test_pickle_with_code_payload_is_refused(tmp_path):
     assert marker.exists()
 
 
-def test_step_dirs_and_prune(tmp_path):
-    for s in (10, 2, 30):
-        ck.save_checkpoint(ck.step_dir(tmp_path, s), {"w": torch.full((1,), float(s))}, kind="toy")
-    (tmp_path / "step-00000040").mkdir()  # incomplete: no config.json
-    assert [p.name for p in ck.step_dirs(tmp_path)] == ["step-00000002", "step-00000010", "step-00000030"]
-    ck.prune(tmp_path, 2)
-    assert [p.name for p in ck.step_dirs(tmp_path)] == ["step-00000010", "step-00000030"]
-
-
 def test_atomic_files_get_umask_permissions(tmp_path):
     import stat
 
@@ -143,3 +134,5 @@ def test_atomic_files_get_umask_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o755
+    for name in ("model.safetensors", "config.json"):  # safetensors alone would make its file 0600
+        assert stat.S_IMODE((tmp_path / "c" / name).stat().st_mode) == 0o644, name

@@ -7,16 +7,15 @@ import torch
 
 from shared.checkpoint import CheckpointError
 from stage2_ar.config import PRESETS
-from stage2_ar.convert_official import convert, convert_ar_state, infer_config, main, official_key_map
+from stage2_ar.convert_official import (convert, convert_ar_state, infer_config, main, official_key_map,
+                                       resolve_geometry)
 from stage2_ar.model import FactorizedAR, count_params
 
-REF = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "official-keys"
+REF = Path(__file__).resolve().parent / "data" / "official" / "keys"
 TINY = PRESETS["ar-tiny"]
 
 
 def _read_keys(name):
-    if not REF.is_dir():
-        pytest.skip("official key dumps (shared/reference/official-keys) are not available next to the repo")
     text = (REF / name).read_text().splitlines()
     header = "\n".join(l for l in text if l.startswith("#"))
     rows = {}
@@ -56,6 +55,7 @@ def test_key_map_matches_the_official_B_key_list():
     for k, v in mapping.items():
         assert tuple(ours[k].shape) == rows["transformer." + v][0], k
     assert infer_config(_meta_sd(rows)) == PRESETS["ar-B"]
+    assert resolve_geometry(_meta_sd(rows)) == ((16, 16), 64)  # a released architecture needs no flags
 
 
 @pytest.mark.parametrize("name,preset,n_sp,n_fa", [("L", "ar-L", 36, 3), ("XL", "ar-XL", 48, 4)])
@@ -83,9 +83,10 @@ def _official_from_ours(model):
 
 def _tiny_tokenizer_official():
     """A tiny tokenizer stored the official way: raw names, DCR order in the upsampling convs."""
-    tk = pytest.importorskip("stage1_tokenizer.tokenizer")
-    tc = pytest.importorskip("stage1_tokenizer.config")
-    conv = pytest.importorskip("stage1_tokenizer.convert_official")
+    from stage1_tokenizer import config as tc
+    from stage1_tokenizer import convert_official as conv
+    from stage1_tokenizer import tokenizer as tk
+
     torch.manual_seed(1)
     tok = tk.Tokenizer(tc.PRESETS["tokenizer-tiny"]).eval()
     sd = tok.state_dict()

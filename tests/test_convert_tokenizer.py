@@ -18,15 +18,12 @@ from stage1_tokenizer.convert_official import (
 )
 from stage1_tokenizer.tokenizer import Tokenizer
 
-REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "official-keys"
+REFERENCE = Path(__file__).resolve().parent / "data" / "official" / "keys"
 OFFICIAL = {"tokenizer-16x-256": "tokenizer_256_L_16x", "tokenizer-8x-128": "tokenizer_128_L_8x"}
 
 
 def _tsv(name):
-    path = REFERENCE / name
-    if not path.is_file():
-        pytest.skip(f"reference dump not available: {name}")
-    rows = [line.split("\t") for line in path.read_text().splitlines() if not line.startswith("#")]
+    rows = [line.split("\t") for line in (REFERENCE / name).read_text().splitlines() if not line.startswith("#")]
     return rows
 
 

@@ -58,3 +58,45 @@ def test_torchrun_two_cpu_processes_all_reduce(tmp_path, torchrun_cmd):
     # the two processes share one pipe, so their lines may interleave: match records, not lines
     lines = sorted(re.findall(r"rank=\d world=\d local=\d sum=[\d.]+", out.stdout))
     assert lines == ["rank=0 world=2 local=0 sum=3.0", "rank=1 world=2 local=1 sum=3.0"]
+
+
+class _FakeNPU:
+    """Stands in for ``torch.npu`` (torch_npu): per-device RNG states and the calls device setup makes."""
+
+    def __init__(self):
+        self.states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+        self.current = None
+
+    def is_available(self):
+        return True
+
+    def get_rng_state_all(self):
+        return [s.clone() for s in self.states]
+
+    def set_rng_state_all(self, states):
+        self.states = [s.clone() for s in states]
+
+    def set_device(self, dev):
+        self.current = dev
+
+
+@pytest.fixture
+def fake_npu(monkeypatch):
+    # torch.device("npu") itself is left alone: registering that name (what torch_npu does) cannot be undone
+    npu = _FakeNPU()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(D, "_npu_available", lambda: True)
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    return npu
+
+
+def test_npu_is_selected_and_its_rng_is_captured_and_restored(fake_npu):
+    from shared.rng import rng_state, set_rng_state
+
+    assert D.device_type() == "npu" and D.device_type("npu") == "npu" and D.accelerator_name() == "npu"
+    assert D.accelerator_module("npu") is fake_npu
+    saved = rng_state()
+    assert [s.tolist() for s in saved["npu"]] == [[1, 2, 3], [4, 5]] and "cuda" not in saved
+    fake_npu.states = [torch.zeros(3, dtype=torch.uint8), torch.zeros(2, dtype=torch.uint8)]
+    set_rng_state(saved)
+    assert [s.tolist() for s in fake_npu.states] == [[1, 2, 3], [4, 5]]

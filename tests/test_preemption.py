@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from free_port import free_port
-from shared.checkpoint import load_trainer_state, step_dirs
+from shared.checkpoint import load_trainer_state
+from shared.run_checkpoints import step_dirs
 from shared.config import resolve
 from shared.device import DistInfo, init_distributed
 from shared.preemption import Preemption, exit_code_for
@@ -172,14 +173,13 @@ def test_stage1_sigterm_to_the_process_group_spares_loader_workers(tmp_path, pho
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from stage2_ar.shard_writer import write_manifest, write_split
+    from synthetic_tokens import write_tokens
 
     out = tmp_path_factory.mktemp("tokens")
     rng = np.random.default_rng(0)
     labels = np.arange(128) % 10
     tok = rng.integers(0, 1 << 18, (10, 16))[labels]
-    write_split(out, "train", tok, labels, size_limit=1 << 12)
-    write_manifest(out, grid=(4, 4), classes=[f"c{i}" for i in range(10)], counts={"train": 128}, resolution=8)
+    write_tokens(out, {"train": (tok, labels)}, grid=(4, 4), num_classes=10, shard_bytes=1 << 12)
     return out
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def photos(tmp_path_factory):
     from PIL import Image
 
-    from stage1_tokenizer.data import export_skimage_photos
+    from fixtures_images import export_skimage_photos
 
     root = tmp_path_factory.mktemp("photos")
     export_skimage_photos(root, tile=128, names=("astronaut", "chelsea"))

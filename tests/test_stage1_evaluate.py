@@ -67,10 +67,10 @@ def test_required_metric_missing_is_an_error(setup, tmp_path, monkeypatch):
 @pytest.mark.slow  # InceptionV3 at 299 px and two LPIPS trunks on CPU
 def test_all_metrics_with_local_weight_files(setup, tmp_path):
     """LPIPS and rFID through their real loading code, fed with random weights in the expected formats."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
     from torchvision.models import alexnet
     from torchvision.models.vgg import cfgs, make_layers
-    from unittest import mock
+
+    from random_inception import write_random_inception
 
     root, tok = setup
     torch.manual_seed(0)
@@ -78,11 +78,7 @@ def test_all_metrics_with_local_weight_files(setup, tmp_path):
     torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, vgg)
     alex = tmp_path / "alex.pth"
     torch.save({f"features.{k}": v for k, v in alexnet().features.state_dict().items()}, alex)
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
-        sd = fe.FeatureExtractorInceptionV3("tmp", ["2048"]).state_dict()
-    inc = tmp_path / "inception.pth"
-    torch.save(sd, inc)
+    inc = write_random_inception(tmp_path / "inception.pth")  # random weights, real format (no download)
     res = evaluate.main(["--ckpt", str(root / "ckpt"), "--data", str(root / "data"), "--resolution", "32",
                          "--workers", "0", "--limit", "2", "--inception", str(inc), "--lpips-weights", str(vgg),
                          "--lpips-alex-weights", str(alex), "--require", "rfid,lpips_vgg,lpips_alex"])
@@ -90,3 +86,41 @@ def test_all_metrics_with_local_weight_files(setup, tmp_path):
     for k in ("psnr", "ssim", "lpips_vgg", "lpips_alex", "rfid", "codebook_usage", "perplexity"):
         assert np.isfinite(res[k]), k
     assert res["rfid"] > 0 and res["lpips_vgg"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("one_thread")  # the torchrun workers' thread count: the same bits per image
+def test_torchrun_shards_give_the_single_process_numbers(setup, tmp_path, torchrun_cmd):
+    """Each of 2 gloo ranks takes every other image (3 and 2 of 5); sums, histogram and gathered features
+    give one process's numbers. Batches of one image keep each image's arithmetic identical in both runs."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from random_inception import write_random_inception
+
+    root, _ = setup
+    torch.manual_seed(0)
+    vgg = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, vgg)
+    inc = write_random_inception(tmp_path / "inception.pth")
+    args = ["--ckpt", str(root / "ckpt"), "--data", str(root / "data"), "--resolution", "16", "--workers", "0",
+            "--batch-size", "1", "--limit", "5", "--inception", str(inc), "--lpips-weights", str(vgg),
+            "--require", "rfid,lpips_vgg", "--device", "cpu"]
+    one = evaluate.main(args + ["--out", str(tmp_path / "one.json")])
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(torchrun_cmd + ["-m", "stage1_tokenizer.evaluate", *args, "--out", str(tmp_path / "two.json")],
+                       cwd=repo, capture_output=True, text=True, timeout=280,
+                       env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
+    for k in ("images", "tokens", "codes_used", "codebook_usage", "perplexity"):  # one histogram: exact
+        assert two[k] == one[k], k
+    assert two["images"] == 5 and two["codes_used"] > 1
+    for k in ("psnr", "ssim", "lpips_vgg"):  # the same per-image values, summed in another order
+        assert two[k] == pytest.approx(one[k], rel=1e-12), k
+    assert two["rfid"] == pytest.approx(one["rfid"], rel=1e-9) and one["rfid"] > 0

@@ -1,4 +1,7 @@
-"""Stage-1 metrics against independent computations: skimage PSNR/SSIM, brute-force counting, closed-form FID."""
+"""Stage-1 metrics against independent computations: skimage PSNR/SSIM, brute-force counting.
+
+The FID math and the Inception loading are shared with Stage 2: tests/test_feature_metrics.py, tests/test_inception.py.
+"""
 import math
 
 import numpy as np
@@ -61,85 +64,3 @@ def test_codebook_usage_and_perplexity_exact():
     full.update(torch.arange(2**bits).repeat(3))
     assert full.usage() == 1.0 and full.perplexity() == pytest.approx(2**bits)
     assert metrics.batch_usage(torch.tensor([[1, 1], [2, 9]]), 4) == 3 / 16
-
-
-def _commuting_covs(d, seed):
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    d1, d2 = rng.uniform(0.2, 3.0, d), rng.uniform(0.2, 3.0, d)
-    return q, d1, d2
-
-
-def test_frechet_distance_closed_form_commuting_covariances():
-    # S1 = Q D1 Q^T, S2 = Q D2 Q^T commute: tr(S1 + S2 - 2 (S1 S2)^1/2) = sum (sqrt(d1) - sqrt(d2))^2
-    d = 16
-    q, d1, d2 = _commuting_covs(d, 0)
-    rng = np.random.default_rng(1)
-    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    s1, s2 = q @ np.diag(d1) @ q.T, q @ np.diag(d2) @ q.T
-    closed = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum())
-    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed, rel=1e-9)
-    assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
-
-
-def _features_with_exact_stats(n, mu, cov, seed):
-    """Samples whose sample mean and (unbiased) covariance are exactly mu and cov."""
-    x = np.random.default_rng(seed).normal(size=(n, len(mu)))
-    x -= x.mean(0)
-    w = np.linalg.cholesky(np.cov(x, rowvar=False))
-    x = x @ np.linalg.inv(w).T  # now sample cov = I
-    return x @ np.linalg.cholesky(cov).T + mu
-
-
-def test_fid_of_gaussian_feature_sets_equals_closed_form():
-    d = 8
-    q, d1, d2 = _commuting_covs(d, 2)
-    mu1, mu2 = np.zeros(d), np.full(d, 0.5)
-    f1 = _features_with_exact_stats(500, mu1, q @ np.diag(d1) @ q.T, 3)
-    f2 = _features_with_exact_stats(700, mu2, q @ np.diag(d2) @ q.T, 4)
-    closed = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum())
-    assert metrics.fid_from_features(f1, f2) == pytest.approx(closed, rel=1e-7)
-    # and independently drawn samples converge towards it (sampling error only)
-    g = np.random.default_rng(5)
-    s1 = g.multivariate_normal(mu1, q @ np.diag(d1) @ q.T, 20000)
-    s2 = g.multivariate_normal(mu2, q @ np.diag(d2) @ q.T, 20000)
-    assert metrics.fid_from_features(s1, s2) == pytest.approx(closed, rel=0.05)
-
-
-def test_inception_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(metrics.InceptionWeightsMissing, match="InceptionV3"):
-        metrics.InceptionFeatures()
-    with pytest.raises(metrics.InceptionWeightsMissing, match="not found"):
-        metrics.InceptionFeatures(tmp_path / "nope.pth")
-    bad = tmp_path / "bad.pth"
-    torch.save({"x": torch.zeros(1)}, bad)
-    with pytest.raises(metrics.InceptionWeightsMissing, match="not a torch-fidelity"):
-        metrics.InceptionFeatures(bad)
-    wrong = tmp_path / "wrong.pth"
-    torch.save({"Mixed_7c.branch_pool.conv.weight": torch.zeros(1)}, wrong)
-    with pytest.raises(metrics.InceptionWeightsMissing, match="does not fit"):
-        metrics.InceptionFeatures(wrong)
-
-
-def test_inception_features_from_a_local_file(tmp_path, monkeypatch):
-    """The real loading path, with randomly initialised weights saved in torch-fidelity's format."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
-    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-    torch.manual_seed(0)
-    sd = fe.FeatureExtractorInceptionV3("tmp", ["2048"]).state_dict()
-    monkeypatch.undo()
-    path = tmp_path / metrics.INCEPTION_FILE
-    torch.save(sd, path)
-    net = metrics.InceptionFeatures(path)
-    assert net.net.Conv2d_1a_3x3.conv.weight.equal(sd["Conv2d_1a_3x3.conv.weight"])
-    imgs = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    f = net(imgs)
-    assert f.shape == (2, 2048) and torch.isfinite(f).all()
-    # TORCH_HOME lookup finds the same file by its standard name
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    path.rename(tmp_path / "hub" / "checkpoints" / metrics.INCEPTION_FILE)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert metrics.find_inception_weights() == tmp_path / "hub" / "checkpoints" / metrics.INCEPTION_FILE

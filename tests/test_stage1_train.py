@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.checkpoint import load_meta, load_state_dict, load_trainer_state, step_dirs
+from shared.checkpoint import load_meta, load_state_dict, load_trainer_state
+from shared.run_checkpoints import step_dirs
 from shared.config import resolve
 from shared.device import init_distributed
 from shared.runlog import read_metrics

@@ -5,6 +5,7 @@ the decode (unpack + sub-token split) is checked against the array the shards we
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,8 +18,8 @@ import torch
 
 from shared.tokens import join_index
 from stage2_ar.data import ManifestError, TokenLayout, build_loader, check_manifest, read_manifest
-from stage2_ar.shard_writer import write_manifest, write_split
 from free_port import free_port
+from synthetic_tokens import write_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 N, GRID, CLASSES = 96, (4, 4), 10
@@ -36,8 +37,7 @@ def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokens")
     tok = make_tokens()
     labels = (np.arange(N) * 7) % CLASSES
-    write_split(out, "train", tok, labels, size_limit=1 << 11)  # several shards
-    write_manifest(out, grid=GRID, classes=[f"c{i}" for i in range(CLASSES)], counts={"train": N}, resolution=8)
+    write_tokens(out, {"train": (tok, labels)}, grid=GRID, num_classes=CLASSES, shard_bytes=1 << 11)  # several shards
     return SimpleNamespace(path=out, tokens=tok, labels=labels)
 
 
@@ -73,16 +73,22 @@ def test_manifest_mismatch_is_refused_in_one_line(dataset):
         with pytest.raises(ManifestError, match=what) as e:
             check_manifest(m, cfg)
         assert "\n" not in str(e.value)
-    with pytest.raises(ManifestError, match="tokens per image"):
-        check_manifest({**m, "tokens_per_image": 15}, ok)
 
 
-def test_missing_or_foreign_manifest(tmp_path):
+def test_missing_foreign_old_or_inconsistent_manifest(dataset, tmp_path):
     with pytest.raises(ManifestError, match="manifest.json is missing"):
         read_manifest(str(tmp_path))
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else", "version": 1}))
     with pytest.raises(ManifestError, match="expected format"):
         read_manifest(str(tmp_path))
+    # An older version, a tokens-per-image count that disagrees with the grid, v1 test datasets' int counts.
+    good = json.loads((dataset.path / "manifest.json").read_text())
+    for bad, what in (({"version": 1}, "version 1 .*older dataset"), ({"tokens_per_image": 15}, "tokens_per_image"),
+                      ({"counts": {"train": N}}, "counts.train must be a JSON object")):
+        (tmp_path / "manifest.json").write_text(json.dumps({**good, **bad}))
+        with pytest.raises(ManifestError, match=what) as e:
+            read_manifest(str(tmp_path))
+        assert "\n" not in str(e.value)
 
 
 WORKER = textwrap.dedent("""
@@ -156,16 +162,11 @@ def test_mid_epoch_state_resumes_exactly_in_new_process(dataset, tmp_path):
 
 def test_reads_dataprep_chunked_layout(tmp_path):
     """dataprep commits mds/<split>/chunk-NNNNN/ directories joined by a merged index.json."""
-    writers = pytest.importorskip("dataprep.writers")
-    from shared.tokens import pack_tokens
-
     tok = make_tokens(40, seed=1)
-    rows = [{"id": f"train-{i:08d}-0", "label": i % CLASSES, "view": 0, "tokens": pack_tokens(tok[i]).tobytes()}
-            for i in range(40)]
-    writers.write_mds_chunk(tmp_path, "train", 0, rows[:24])
-    writers.write_mds_chunk(tmp_path, "train", 1, rows[24:])
-    writers.merge_mds(tmp_path, "train", [0, 1])
-    write_manifest(tmp_path, grid=GRID, classes=[f"c{i}" for i in range(CLASSES)], counts={"train": 40}, resolution=8)
+    write_tokens(tmp_path, {"train": (tok, np.arange(40) % CLASSES)}, grid=GRID, num_classes=CLASSES,
+                 images_per_chunk=24)
+    assert sorted(p.name for p in (tmp_path / "mds" / "train").iterdir()) == ["chunk-00000", "chunk-00001",
+                                                                              "index.json"]
     lay = TokenLayout.from_manifest(read_manifest(str(tmp_path)))
     dl = build_loader(str(tmp_path), split="train", batch_size=8, layout=lay, cache_dir=str(tmp_path / "cache"))
     got = {}
@@ -177,3 +178,70 @@ def test_reads_dataprep_chunked_layout(tmp_path):
     for i, (row, lab) in got.items():
         np.testing.assert_array_equal(row, tok[i])
         assert lab == i % CLASSES
+
+
+SHM_READER = textwrap.dedent("""
+    import os, sys
+    from stage2_ar.data import TokenLayout, make_dataset, read_manifest
+    ds_path, cache = sys.argv[1:3]
+    ds = make_dataset(ds_path, split="train", batch_size=4, layout=TokenLayout.from_manifest(read_manifest(ds_path)),
+                      cache_dir=cache, shuffle=False)
+    print(ds._shm_prefix_int, flush=True)
+    sys.stdin.readline()  # stays alive (another job on the node) until told, then reads a sample
+    print(int(ds[3][1]), flush=True)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="Streaming's shared memory lives in /dev/shm on Linux")
+def test_stale_shm_cleanup_spares_live_jobs(dataset, tmp_path):
+    """The start-up clean-up (``data.clean_stale_shm``) removes what killed readers left and never the
+    segments of a job still reading on the node (Streaming's own clean-up removes those too)."""
+    from stage2_ar.data import clean_stale_shared_memory
+
+    script = tmp_path / "reader.py"
+    script.write_text(SHM_READER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def reader(cache):
+        p = subprocess.Popen([sys.executable, str(script), dataset.path, tmp_path / cache], env=env,
+                             start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        return p, int(p.stdout.readline())
+
+    def kill(p):  # with its whole process group (its resource tracker too), as a scheduler or OOM kill does
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
+
+    def names(prefix):
+        return {p.name for p in Path("/dev/shm").glob(f"{prefix:06d}_*")}
+
+    live = []
+    try:
+        live.append(reader("live-1"))
+        killed, dead = reader("dead-1")
+        kill(killed)
+        left, first = names(dead), names(live[0][1])
+        assert f"{dead:06d}_locals" in left and f"{live[0][1]:06d}_locals" in first
+        removed = set(clean_stale_shared_memory())
+        assert left <= removed and not names(dead) and names(live[0][1]) == first and not first & removed
+        # A reader started after a kill keeps the dead prefix mapped (Streaming's prefix search): only
+        # the killed run's own cache directory tells that prefix is stale.
+        killed, dead = reader("dead-2")
+        kill(killed)
+        left = names(dead)
+        live.append(reader("live-2"))
+        assert not left & set(clean_stale_shared_memory()) and names(dead) == left
+        removed = set(clean_stale_shared_memory([str(tmp_path / "dead-2")]))
+        assert left <= removed and not names(dead)
+        for p, prefix in live:
+            assert names(prefix) and not names(prefix) & removed
+        for p, _ in live:  # the live readers still work
+            out, err = p.communicate("\n", timeout=120)
+            assert p.returncode == 0, err[-2000:]
+            assert int(out) == dataset.labels[3]
+    finally:
+        for p, _ in live:
+            if p.poll() is None:
+                p.kill()

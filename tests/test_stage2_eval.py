@@ -1,7 +1,8 @@
-"""Generation metrics on synthetic data (closed forms, brute force) and the evaluate CLI's plumbing.
+"""The Stage-2 evaluate CLI's plumbing, reference batches and the samples.npz round trip with the sampler.
 
 No InceptionV3 weights exist on test machines, so a tiny fixed random network stands in for the feature
-function; the real weights path is checked for its error messages only.
+function (patched into ``shared.inception.load_inception``, the seam both stages use); the real loading path
+is tested in tests/test_inception.py, the metric math in tests/test_feature_metrics.py.
 """
 import json
 import math
@@ -11,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from shared import inception
 from stage2_ar import evaluate as ev
 from stage2_ar import gen_metrics as gm
+from stage2_ar import samples_npz
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,84 +34,6 @@ def tiny_features(dim=16, classes=10, seed=0):
     return fn
 
 
-def random_spd(n, rng):
-    a = rng.standard_normal((n, n))
-    return a @ a.T + 0.1 * np.eye(n)
-
-
-def sqrtm_psd(m):
-    w, v = np.linalg.eigh(m)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def test_fid_of_identical_sets_is_zero():
-    f = torch.randn(500, 8, dtype=torch.float64)
-    s = gm.gaussian_stats(f)
-    assert abs(gm.frechet_distance(s, s)) < 1e-6
-
-
-def test_fid_matches_closed_form():
-    rng = np.random.default_rng(1)
-    n = 6
-    mu1, mu2 = rng.standard_normal(n), rng.standard_normal(n)
-    s1, s2 = random_spd(n, rng), random_spd(n, rng)
-    r1 = sqrtm_psd(s1)
-    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrtm_psd(r1 @ s2 @ r1))
-    got = gm.frechet_distance({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2})
-    assert got == pytest.approx(expected, rel=1e-6)
-    # diagonal covariances: sum of (sqrt(a) - sqrt(b))^2 plus the squared mean gap
-    a, b = rng.uniform(0.5, 2, n), rng.uniform(0.5, 2, n)
-    diag = gm.frechet_distance({"mu": mu1, "sigma": np.diag(a)}, {"mu": mu1, "sigma": np.diag(b)})
-    assert diag == pytest.approx(((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), rel=1e-6)
-
-
-def test_fid_from_gaussian_samples():
-    g = torch.Generator().manual_seed(0)
-    shift = torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
-    x = torch.randn(20000, 4, generator=g, dtype=torch.float64)
-    y = torch.randn(20000, 4, generator=g, dtype=torch.float64) * 2 + shift
-    # N(0, I) vs N(shift, 4I): |shift|^2 + 4 * (1 - 2)^2
-    expected = float((shift ** 2).sum()) + 4 * 1.0
-    assert gm.frechet_distance(gm.gaussian_stats(x), gm.gaussian_stats(y)) == pytest.approx(expected, rel=0.03)
-
-
-def test_inception_score_limits():
-    assert gm.inception_score(torch.zeros(100, 1008))["is"] == pytest.approx(1.0)
-    # confident and evenly spread over C classes: IS = C
-    c = 10
-    logits = torch.full((200, c), -40.0, dtype=torch.float64)  # p ~ 4e-18 off-class (exact 0 gives 0 * log 0 = nan)
-    logits[torch.arange(200), torch.arange(200) % c] = 0
-    assert gm.inception_score(logits, splits=1)["is"] == pytest.approx(c, rel=1e-6)
-    # all confident in the same class: no diversity, IS = 1
-    same = torch.full((50, c), -40.0, dtype=torch.float64)
-    same[:, 3] = 0
-    assert gm.inception_score(same, splits=1)["is"] == pytest.approx(1.0)
-
-
-def _naive_pr(real, fake, k):
-    def radii(x):
-        return [sorted(float((x[i] - x[j]).norm()) for j in range(len(x)))[k] for i in range(len(x))]
-
-    def cover(points, centres, r):
-        return np.mean([any(float((p - c).norm()) <= rc for c, rc in zip(centres, r)) for p in points])
-
-    return cover(fake, real, radii(real)), cover(real, fake, radii(fake))
-
-
-def test_precision_recall():
-    g = torch.Generator().manual_seed(0)
-    real = torch.randn(60, 5, generator=g, dtype=torch.float64)
-    same = gm.precision_recall(real, real.clone())
-    assert same["precision"] == 1.0 and same["recall"] == 1.0
-    far = gm.precision_recall(real, real + 100)
-    assert far["precision"] == 0.0 and far["recall"] == 0.0
-    fake = torch.randn(40, 5, generator=g, dtype=torch.float64) * 1.5 + 0.7
-    got = gm.precision_recall(real, fake)
-    p, r = _naive_pr(real, fake, 3)
-    assert got["precision"] == pytest.approx(p) and got["recall"] == pytest.approx(r)
-    assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
-
-
 def test_compute_metrics_plumbing():
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
@@ -121,10 +46,14 @@ def test_compute_metrics_plumbing():
     assert other["fid"] > 1.0 and other["precision"] < 0.5
 
 
+def stand_in(weights=None, device="cpu"):
+    return tiny_features()
+
+
 def test_npz_and_folder_references(tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
-    gm.save_npz(tmp_path / "s.npz", imgs, np.arange(5))
+    samples_npz.write_samples(tmp_path / "s.npz", imgs, np.arange(5))
     with np.load(tmp_path / "s.npz") as z:
         assert z.files == ["arr_0", "arr_1"] and np.array_equal(z["arr_0"], imgs)
     assert np.array_equal(gm.load_reference(str(tmp_path / "s.npz")), imgs)
@@ -141,13 +70,17 @@ def test_npz_and_folder_references(tmp_path):
         gm.load_reference(str(tmp_path / "bad.npz"))
 
 
-def test_missing_or_wrong_inception_weights_fail_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="error: InceptionV3 weights not found"):
+def test_missing_or_wrong_inception_weights_fail_clearly(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="error: InceptionV3 FID weights not found at .*nope.pth"):
         ev.main(["--samples", "x.npz", "--ref", "r.npz", "--inception", str(tmp_path / "nope.pth"),
                  "--out", str(tmp_path / "o")])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-home"))  # no flag: the documented default place
+    with pytest.raises(SystemExit, match=f"error: .*not found at .*{inception.INCEPTION_FILE}.*--inception PATH"):
+        ev.main(["--samples", "x.npz", "--ref", "r.npz", "--out", str(tmp_path / "o")])
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "wrong.pth")
-    with pytest.raises(gm.MetricsError, match="does not hold"):
-        gm.inception_feature_fn(str(tmp_path / "wrong.pth"))
+    with pytest.raises(SystemExit, match="error: .*wrong.pth is not the FID InceptionV3 state dict"):
+        ev.main(["--samples", "x.npz", "--ref", "r.npz", "--inception", str(tmp_path / "wrong.pth"),
+                 "--out", str(tmp_path / "o")])
 
 
 def test_evaluate_cli_generates_fixed_seed_samples(tmp_path, monkeypatch):
@@ -165,8 +98,8 @@ def test_evaluate_cli_generates_fixed_seed_samples(tmp_path, monkeypatch):
             h.weight.normal_(0, 0.5)
     model.save(tmp_path / "ar")
     ref = np.random.default_rng(0).integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
-    gm.save_npz(tmp_path / "ref.npz", ref)
-    monkeypatch.setattr(gm, "inception_feature_fn", lambda path, device: tiny_features())
+    samples_npz.write_samples(tmp_path / "ref.npz", ref)
+    monkeypatch.setattr(inception, "load_inception", stand_in)
 
     def run(out, seed=42):
         ev.main(["--ckpt", str(tmp_path / "ar"), "--tokenizer", str(tmp_path / "tok"), "--per-class", "3",
@@ -190,3 +123,47 @@ def test_evaluate_cli_generates_fixed_seed_samples(tmp_path, monkeypatch):
              "--inception", "unused", "--out", str(tmp_path / "e4"), "--device", "cpu"])
     m4 = json.loads((tmp_path / "e4" / "metrics.json").read_text())
     assert m4["fid"] == pytest.approx(m["fid"]) and m4["precision"] == m["precision"]
+
+
+def test_sample_npz_round_trips_through_evaluate_samples(tmp_path, monkeypatch):
+    """``stage2_ar.sample --npz`` writes what ``stage2_ar.evaluate --samples`` reads: images and labels."""
+    from stage1_tokenizer.config import PRESETS as TOK_PRESETS
+    from stage1_tokenizer.tokenizer import Tokenizer
+    from stage2_ar.config import PRESETS as AR_PRESETS
+    from stage2_ar.model import FactorizedAR
+    from stage2_ar.sample import main as sample_main
+
+    torch.manual_seed(0)
+    Tokenizer(TOK_PRESETS["tokenizer-tiny"]).save(tmp_path / "tok")
+    model = FactorizedAR(AR_PRESETS["ar-tiny"])
+    with torch.no_grad():
+        for h in model.heads:
+            h.weight.normal_(0, 0.5)
+    model.save(tmp_path / "ar")
+    assert sample_main(["--ckpt", str(tmp_path / "ar"), "--tokenizer", str(tmp_path / "tok"), "--classes", "0,3,9",
+                        "--per-class", "2", "--npz", "--no-grid", "--seed", "1", "--out", str(tmp_path / "s")]) == 0
+    path = tmp_path / "s" / "samples.npz"
+    with np.load(path) as z:
+        assert z.files == [samples_npz.IMAGES_KEY, samples_npz.LABELS_KEY] == ["arr_0", "arr_1"]
+        raw_images, raw_labels = z["arr_0"], z["arr_1"]
+    images, labels = samples_npz.read_samples(path)
+    assert np.array_equal(images, raw_images) and images.dtype == np.uint8 and images.shape[0] == 6
+    assert labels.tolist() == [0, 0, 3, 3, 9, 9] and labels.dtype == np.int64
+    assert len({images[i].tobytes() for i in range(6)}) > 1
+
+    ref = np.random.default_rng(1).integers(0, 256, (20,) + images.shape[1:], dtype=np.uint8)
+    samples_npz.write_samples(tmp_path / "ref.npz", ref)
+    monkeypatch.setattr(inception, "load_inception", stand_in)
+    assert ev.main(["--samples", str(path), "--ref", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "e"),
+                    "--device", "cpu"]) == 0
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["num_samples"] == 6 and m["settings"]["num_classes"] == 3
+    direct = gm.compute_metrics(raw_images, ref, tiny_features())
+    assert m["fid"] == pytest.approx(direct["fid"], rel=1e-12) and m["recall"] == direct["recall"]
+
+    # labels that do not belong to the images are refused with one line
+    with np.load(path) as z:
+        np.savez(tmp_path / "bad.npz", arr_0=z["arr_0"], arr_1=z["arr_1"][:4])
+    with pytest.raises(SystemExit, match=r"error: --samples: .*bad.npz: labels must be 6 integers"):
+        ev.main(["--samples", str(tmp_path / "bad.npz"), "--ref", str(tmp_path / "ref.npz"),
+                 "--out", str(tmp_path / "e2"), "--device", "cpu"])

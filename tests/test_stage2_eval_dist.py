@@ -1,7 +1,8 @@
 """Sharded sample generation of the evaluate CLI: a 2-process CPU torchrun gives the single-process images.
 
 The metrics step needs InceptionV3 weights, which test machines lack: the torchrun workers start through a
-small launcher that swaps in the same tiny stand-in feature network as tests/test_stage2_eval.py.
+small launcher that swaps the same tiny stand-in feature network as tests/test_stage2_eval.py into
+``shared.inception.load_inception``.
 """
 import json
 import os
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from shared import inception
 from stage2_ar import evaluate as ev
-from stage2_ar import gen_metrics as gm
-from test_stage2_eval import tiny_features
+from stage2_ar.samples_npz import write_samples
+from test_stage2_eval import stand_in
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,10 +26,11 @@ LAUNCHER = """\
 import sys
 
 sys.path.insert(0, {tests!r})
-from stage2_ar import evaluate, gen_metrics
-from test_stage2_eval import tiny_features
+from shared import inception
+from stage2_ar import evaluate
+from test_stage2_eval import stand_in
 
-gen_metrics.inception_feature_fn = lambda path, device: tiny_features()
+inception.load_inception = stand_in
 sys.exit(evaluate.main(sys.argv[1:]))
 """
 
@@ -71,14 +74,14 @@ def test_torchrun_evaluate_matches_single_process(tmp_path, monkeypatch, torchru
         for h in model.heads:
             h.weight.normal_(0, 0.5)
     model.save(tmp_path / "ar")
-    gm.save_npz(tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
+    write_samples(tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
 
     def args(out):  # 12 images in batches of 5, 5, 2: rank 0 gets batches 0 and 2, rank 1 batch 1
         return ["--ckpt", str(tmp_path / "ar"), "--tokenizer", str(tmp_path / "tok"), "--per-class", "3",
                 "--classes", "0,1,2,3", "--batch-size", "5", "--seed", "42", "--ref", str(tmp_path / "ref.npz"),
                 "--inception", "unused", "--out", str(out), "--device", "cpu"]
 
-    monkeypatch.setattr(gm, "inception_feature_fn", lambda path, device: tiny_features())
+    monkeypatch.setattr(inception, "load_inception", stand_in)
     assert ev.main(args(tmp_path / "single")) == 0
 
     launcher = tmp_path / "launch_evaluate.py"

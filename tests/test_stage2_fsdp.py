@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from shared.config import resolve
-from stage2_ar.shard_writer import write_manifest, write_split
+from synthetic_tokens import write_tokens
 from stage2_ar.train import train
 from stage2_ar.train_config import PRESETS, TrainConfig
 from free_port import free_port
@@ -35,8 +35,8 @@ def _two_ranks(args):
 def test_fsdp_two_ranks_match_one_device_and_resume(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.arange(64) % 10
-    write_split(tmp_path / "ds", "train", rng.integers(0, 1 << 18, (10, 16))[labels], labels)
-    write_manifest(tmp_path / "ds", grid=(4, 4), classes=[f"c{i}" for i in range(10)], counts={"train": 64}, resolution=8)
+    write_tokens(tmp_path / "ds", {"train": (rng.integers(0, 1 << 18, (10, 16))[labels], labels)}, grid=(4, 4),
+                 num_classes=10)
     common = [f"data.path={tmp_path / 'ds'}", "data.clean_stale_shm=false", "schedule.max_steps=4",
               "schedule.warmup_steps=1", "data.micro_batch=4", "data.num_canonical_nodes=2", "ckpt_every=100",
               "model.class_dropout=0.0", "model.embed_dropout=0.0", "model.resid_dropout=0.0", "optim.lr=3e-3"]

@@ -10,14 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.checkpoint import load_trainer_state, step_dirs
+from shared.checkpoint import load_trainer_state
+from shared.run_checkpoints import step_dirs
 from shared.config import ConfigError, resolve
 from shared.rng import seed_everything
 from shared.runlog import read_metrics
 from stage2_ar.config import PRESETS as MODEL_PRESETS
 from stage2_ar.lr_schedule import WarmupHoldDecay, build_scheduler, load_scheduler_state
 from stage2_ar.model import FactorizedAR
-from stage2_ar.shard_writer import write_manifest, write_split
+from synthetic_tokens import write_tokens
 from stage2_ar.train import accumulation_steps, param_groups
 from stage2_ar.train_config import PRESETS, TrainConfig
 from free_port import free_port
@@ -115,10 +116,8 @@ def shards(tmp_path_factory):
     tok = rng.integers(0, 1 << 18, (10, 16))[labels]
     noise = rng.random(tok.shape) < 0.2
     tok[noise] = rng.integers(0, 1 << 18, int(noise.sum()))
-    write_split(out, "train", tok, labels, size_limit=1 << 12)
-    write_split(out, "val", tok[:32], labels[:32])
-    write_manifest(out, grid=(4, 4), classes=[f"c{i}" for i in range(10)], counts={"train": n, "val": 32},
-                   resolution=8)
+    write_tokens(out, {"train": (tok, labels), "val": (tok[:32], labels[:32])}, grid=(4, 4), num_classes=10,
+                 shard_bytes=1 << 12)
     return out
 
 
@@ -158,8 +157,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(shards, tmp_path):
     _train_here(_common(shards, tmp_path / "part") + ["stop_after=5"])
     assert [p.name for p in step_dirs(tmp_path / "part")] == ["step-00000005"]
     state = load_trainer_state(tmp_path / "part" / "step-00000005")
-    assert state["step"] == 5 and state["data"]["sample_in_epoch"] == 5 * 16
-    assert set(state) >= {"optimizer", "scheduler", "rng", "data"}
+    assert state["step"] == 5 and state["world_size"] == 1 and state["ranks"][0]["data"]["sample_in_epoch"] == 5 * 16
+    assert set(state) >= {"optimizer", "scheduler", "ranks"} and set(state["ranks"][0]) == {"rng", "data"}
     _wait([_cli(_common(shards, tmp_path / "part"))])  # a new process; resume=auto picks up step 5
 
     a = load_file(str(tmp_path / "full" / "step-00000012" / "model.safetensors"))

@@ -1,42 +1,39 @@
-"""Small real image folders for tests, benchmarks and demos (offline: scikit-image's bundled photos), and
-one file of each kind of awkward input that a real crawl of ImageNet-like data contains.
-"""
+"""Image fixtures for tests: one file of each awkward kind a real crawl contains, and folders of small
+real photo patches for the tokenizer trainer (offline: scikit-image's bundled photos)."""
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+from dataprep.sample_images import photo
+
+TRAINER_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+                  "retina", "cat", "motorcycle")
 
 
-def photos() -> Dict[str, np.ndarray]:
-    import skimage.data as sd
-
-    return {name: getattr(sd, name)() for name in PHOTOS}
-
-
-def image_folder(root: str | Path, split: str = "train", classes: int = 3, per_class: int = 4,
-                 seed: int = 0) -> List[Path]:
-    """ROOT/<split>/class_k/*.jpg: random crops (varied sizes and aspect ratios) of the bundled photos."""
-    rng = np.random.default_rng(seed)
-    pics = list(photos().values())
-    out = []
-    for c in range(classes):
-        d = Path(root) / split / f"class_{c:02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        for j in range(per_class):
-            a = pics[(c * per_class + j) % len(pics)]
-            h, w = a.shape[:2]
-            ch, cw = rng.integers(h // 3, h + 1), rng.integers(w // 3, w + 1)
-            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            p = d / f"img_{c:02d}_{j:03d}.jpg"
-            Image.fromarray(a[y:y + ch, x:x + cw]).save(p, quality=92)
-            out.append(p)
-    return out
+def export_skimage_photos(out_dir: Path, tile: Optional[int] = None, names: Sequence[str] = ()) -> List[Path]:
+    """Write bundled photos as PNGs; with ``tile`` each is cut into non-overlapping tile x tile patches
+    (one file each), which turns a handful of photos into a few hundred small real images."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names or TRAINER_PHOTOS:
+        arr = photo(name)
+        if tile is None:
+            path = out_dir / f"{name}.png"
+            Image.fromarray(arr).save(path)
+            written.append(path)
+            continue
+        for r in range(arr.shape[0] // tile):
+            for c in range(arr.shape[1] // tile):
+                path = out_dir / f"{name}-{r:02d}-{c:02d}.png"
+                Image.fromarray(arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]).save(path)
+                written.append(path)
+    return written
 
 
 def bad_files(folder: str | Path) -> Dict[str, str]:
@@ -46,7 +43,7 @@ def bad_files(folder: str | Path) -> Dict[str, str]:
     """
     d = Path(folder)
     d.mkdir(parents=True, exist_ok=True)
-    base = photos()["chelsea"][:120, :160]  # RGB uint8
+    base = photo("chelsea")[:120, :160]
     expect: Dict[str, str] = {}
 
     def save(name: str, img: Image.Image, outcome: str = "ok", **kw) -> None:
