@@ -89,7 +89,7 @@ def worst_case_bytes(tmp: Path, rows: int, grid=(16, 16)):
                      "path": f"train/{s}/{s}_{number}.JPEG", "view": i % 2, "error": "",
                      "tokens": pack_tokens(rng.integers(0, 1 << 18, n)).tobytes()})
     for c, lo in enumerate(range(0, rows, 8192)):
-        encode.commit_chunk(root, st, "train", c, recs[lo:lo + 8192], len(recs[lo:lo + 8192]) // 2, schema)
+        encode.commit_chunk(root, st, "train", c, recs[lo:lo + 8192], len(recs[lo:lo + 8192]) // 2, schema, 2)
     encode.finalize(root, st, "train")
     return TokenDataset(root).bytes_per_token()
 

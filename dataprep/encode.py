@@ -13,6 +13,10 @@ the end-of-split clean-up (idempotent). Other settings or another tokenizer on a
 refused. One job writes a dataset at a time (a lock on DATASET/.lock). The dataset format itself
 (manifest, columns, packing, checksums) is ``shared.token_dataset``'s.
 
+``--out s3://bucket/prefix`` runs exactly the same job into a local ``--staging`` directory and then
+publishes it (``dataprep.publish``: every object first, the manifest last), after checking the bucket,
+the credentials and that the prefix is empty or this dataset's before anything is encoded.
+
 Internal, for tests only: ``--_crash-at K:POINT`` (hidden from --help) makes the job exit hard with
 status 17 (``os._exit``: no cleanup, like a kill) right after step POINT (mds, lance or state) of the
 K-th chunk this run commits, or, with POINT ``complete`` (K = 1), right after the split is recorded
@@ -32,10 +36,12 @@ from typing import Any, Dict, List, Optional
 try:
     from dataprep import cli
     from dataprep import listing as ls
+    from dataprep import publish
     from dataprep import state as st
     from dataprep import stores
     from dataprep.images import expand_views
     from shared import atomic
+    from shared import object_store as store
     from shared import token_dataset as td
 except ImportError as _e:
     if __name__ != "__main__":
@@ -106,7 +112,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--file-list", help="TSV of path<TAB>label (paths relative to --data, or absolute), UTF-8")
     p.add_argument("--split", default="train", type=_split_name, help="letters, digits, '_', '.', '-'")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
-    p.add_argument("--out", required=True, help="dataset directory")
+    p.add_argument("--out", required=True,
+                   help="dataset directory, or s3://bucket/prefix: encoded into --staging, then published there "
+                        "(dataprep.publish: manifest last)")
+    p.add_argument("--staging", help="local directory an s3:// --out is encoded into first (resumable; default: "
+                                     "TMPDIR/open-magvit2-staging/<hash of --out>)")
+    p.add_argument("--s3-endpoint-url", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3, "
+                                             "AWS_ENDPOINT_URL, else AWS)")
     p.add_argument("--resolution", type=cli.positive_int, default=256)
     p.add_argument("--views", default="center,flip", help="comma list of center, flip, tencrop")
     p.add_argument("--batch-size", type=cli.positive_int, default=32,
@@ -209,7 +221,7 @@ def recover(root: Path, state: st.State, split: str) -> None:
 
 
 def commit_chunk(root: Path, state: st.State, split: str, chunk: int, rows: List[Dict[str, Any]],
-                 n_images: int, schema, crash_after: Optional[str] = None) -> Dict[str, Any]:
+                 n_images: int, schema, num_views: int, crash_after: Optional[str] = None) -> Dict[str, Any]:
     """MDS chunk, then Lance append, then the record with the chunk's checksums (last: a chunk is
     committed once it is recorded).
 
@@ -222,7 +234,7 @@ def commit_chunk(root: Path, state: st.State, split: str, chunk: int, rows: List
     for r in good:
         if r["view"] == 0:
             per_class[str(r["label"])] = per_class.get(str(r["label"]), 0) + 1
-    mds = td.write_mds_chunk(root, split, chunk, good)
+    mds = td.write_mds_chunk(root, split, chunk, good, num_views)
     if crash_after == "mds":
         _crash("mds")
     table_rows = [{**r, "split": split} for r in good]
@@ -333,7 +345,20 @@ def run(args) -> int:
     run_settings = {"num_images": len(listing.items), "listing_sha256": listing.sha256(),
                     "chunk_size": args.chunk_size, "batch_size": args.batch_size,
                     "source": "file-list" if args.file_list else "folder"}
-    root = Path(args.out)
+    target = args.out if store.is_s3(args.out) else None
+    if target:
+        root = staging_dir(args)
+        try:
+            store.configure(args.s3_endpoint_url)
+            prior = st.State.load(root) if (root / st.STATE).is_file() else None
+            publish.check_target(target, prior.data.get("created") if prior else None)
+        except (publish.PublishError, store.StoreError, st.ProvenanceError) as e:
+            raise SystemExit(f"error: --out {e}") from None
+        log.info(f"encoding into the staging directory {root}, published to {store.redact(target)} at the end")
+    else:
+        if args.staging or args.s3_endpoint_url:
+            raise SystemExit("error: --staging and --s3-endpoint-url go with an s3:// --out")
+        root = Path(args.out)
     with OutDir(root):
         try:
             state = st.State.load(root)
@@ -352,39 +377,65 @@ def run(args) -> int:
         if split_rec["complete"]:
             c = tidy(root, state)["counts"][args.split]
             print(f"split {args.split!r} of {root} is already complete ({c['encoded_images']} encoded, "
-                  f"{c['failed_images']} failed): nothing to do")
-            return 0
+                  f"{c['failed_images']} failed): nothing to {'encode' if target else 'do'}")
+        else:
+            encode_split(args, root, state, listing, settings, views, data, ckpt, t0)
+    return publish_to(target, root)
 
-        chunks = ls.chunk_ranges(len(listing.items), args.chunk_size)
-        done = state.committed(args.split)
-        todo = [c for c in range(len(chunks)) if c not in done]
-        skipped = sum(chunks[c][1] - chunks[c][0] for c in done)
-        ray_mode = start_ray(args) if todo else None  # refusals come before anything is written
+
+def encode_split(args, root: Path, state: st.State, listing, settings, views, data, ckpt: Path, t0: float) -> None:
+    """Encode the chunks of the split not yet committed, then record it complete (under the writer lock)."""
+    chunks = ls.chunk_ranges(len(listing.items), args.chunk_size)
+    done = state.committed(args.split)
+    todo = [c for c in range(len(chunks)) if c not in done]
+    skipped = sum(chunks[c][1] - chunks[c][0] for c in done)
+    ray_mode = start_ray(args) if todo else None  # refusals come before anything is written
+    try:
+        state.data["tokenizer_path"] = str(ckpt.resolve())
+        state.data["code_version"] = td.code_version(args.code_version)
+        if args.code_version is None and td.git_commit(Path(td.__file__).resolve().parents[1]) is None:
+            log.warning("the code's commit is unknown (no .git beside it, as under ray job submit): pass "
+                        "--code-version \"$(git describe --always --dirty)\" to record it")
+        state.save()
+        recover(root, state, args.split)
+        log.info(f"split {args.split!r}: {len(listing.items)} images in {len(chunks)} chunks; "
+                 f"{len(done)} already committed ({skipped} images skipped), {len(todo)} to do")
+        encoded = failed = 0
+        if todo:
+            encoded, failed = encode_chunks(args, root, state, listing, chunks, todo, settings, views, data)
+    finally:
+        if ray_mode == "local":
+            import ray
+
+            ray.shutdown()
+    crash = args.crash_at.point if args.crash_at and args.crash_at.point == "complete" else None
+    manifest = finalize(root, state, args.split, crash)
+    c = manifest["counts"][args.split]
+    print(f"done in {time.time() - t0:.1f}s: split {args.split!r} encoded {encoded}, failed {failed}, "
+          f"skipped {skipped} (already committed); dataset total {c['encoded_images']} encoded, "
+          f"{c['failed_images']} failed, {c['rows']} rows; listing ignored {listing.ignored} non-image files")
+
+
+def publish_to(target: Optional[str], root: Path) -> int:
+    """Publish the staging directory to an s3:// --out; after the writer lock is released (publishing
+    refuses a dataset a job is writing)."""
+    if target:
         try:
-            state.data["tokenizer_path"] = str(ckpt.resolve())
-            state.data["code_version"] = td.code_version(args.code_version)
-            if args.code_version is None and td.git_commit(Path(td.__file__).resolve().parents[1]) is None:
-                log.warning("the code's commit is unknown (no .git beside it, as under ray job submit): pass "
-                            "--code-version \"$(git describe --always --dirty)\" to record it")
-            state.save()
-            recover(root, state, args.split)
-            log.info(f"split {args.split!r}: {len(listing.items)} images in {len(chunks)} chunks; "
-                     f"{len(done)} already committed ({skipped} images skipped), {len(todo)} to do")
-            encoded = failed = 0
-            if todo:
-                encoded, failed = encode_chunks(args, root, state, listing, chunks, todo, settings, views, data)
-        finally:
-            if ray_mode == "local":
-                import ray
-
-                ray.shutdown()
-        crash = args.crash_at.point if args.crash_at and args.crash_at.point == "complete" else None
-        manifest = finalize(root, state, args.split, crash)
-        c = manifest["counts"][args.split]
-        print(f"done in {time.time() - t0:.1f}s: split {args.split!r} encoded {encoded}, failed {failed}, "
-              f"skipped {skipped} (already committed); dataset total {c['encoded_images']} encoded, "
-              f"{c['failed_images']} failed, {c['rows']} rows; listing ignored {listing.ignored} non-image files")
+            publish.publish(root, target, log=log.info)
+        except (publish.PublishError, store.StoreError) as e:
+            raise SystemExit(f"error: the split is encoded in {root} but publishing it failed: {e}; run the same "
+                             "command again to retry") from None
     return 0
+
+
+def staging_dir(args) -> Path:
+    if args.staging:
+        return Path(args.staging)
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(args.out.rstrip("/").encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "open-magvit2-staging" / key
 
 
 def start_ray(args) -> str:
@@ -454,7 +505,7 @@ def encode_chunks(args, root, state, listing, chunks, todo, settings, views, dat
                 crash = args.crash_at.point if args.crash_at and args.crash_at.chunk == n_done + 1 and \
                     args.crash_at.point != "complete" else None
                 info = commit_chunk(root, state, args.split, c, p["rows"], chunks[c][1] - chunks[c][0], schema,
-                                    crash)
+                                    len(views), crash)
                 n_done += 1
                 encoded += info["encoded"]
                 failed += len(info["failures"])

@@ -18,6 +18,7 @@ import numpy as np
 
 from dataprep import cli
 from dataprep.reader import TokenDataset
+from shared import object_store
 from shared import token_dataset as td
 
 
@@ -85,7 +86,8 @@ def decode_grid(ds: TokenDataset, ckpt: Path, out: Path, n: int, split: Optional
     return out
 
 
-def run_verify(root: Path) -> int:
+def run_verify(root: Path, shown: Optional[str] = None) -> int:
+    """``shown``: the name messages give the dataset (its URI when ``root`` is a downloaded copy)."""
     from dataprep import verify
 
     try:
@@ -97,12 +99,30 @@ def run_verify(root: Path) -> int:
     for problem in rep.problems:
         print(f"damaged: {problem}")
     rows = sum(rep.rows_checked.values())
+    root = shown or root
     if not rep.ok:
         sys.stderr.write(f"error: {root}: {len(rep.problems)} problems found (listed above)\n")
         return 1
     print(f"verified {root}: {rows} rows of {len(rep.rows_checked)} splits read in both stores, "
           "all match their checksums and each other")
     return 0
+
+
+def verify_remote(uri: str) -> int:
+    """--verify of a dataset on object storage: its objects downloaded into a temporary directory (the
+    check reads every byte anyway), then verified there."""
+    import tempfile
+
+    try:
+        td.read_manifest(uri)
+        with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
+            for rel, _ in list(object_store.list_objects(uri)):
+                dest = Path(tmp, rel)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                object_store.download_file(object_store.join(uri, rel), str(dest))
+            return run_verify(Path(tmp), shown=uri)
+    except (td.ManifestError, object_store.StoreError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -114,10 +134,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print the summary as JSON only")
     p.add_argument("--verify", action="store_true",
-                   help="read every row of both stores, check checksums and agreement; exit 1 if damaged")
+                   help="read every row of both stores, check checksums and agreement; exit 1 if damaged "
+                        "(an s3:// dataset is downloaded into a temporary directory first)")
+    p.add_argument("--s3-endpoint-url", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3, "
+                                             "AWS_ENDPOINT_URL, else AWS)")
     args = p.parse_args(argv)
     if args.rows < 0:
         p.error(f"argument --rows: expected a number >= 0, got {args.rows}")
+    try:
+        object_store.configure(args.s3_endpoint_url)
+    except object_store.StoreError as e:
+        raise SystemExit(f"error: --s3-endpoint-url: {e}")
+    if args.verify and object_store.is_s3(args.dataset):
+        return verify_remote(args.dataset)
     if args.verify:
         return run_verify(Path(args.dataset))
     try:
@@ -134,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ckpt = args.tokenizer or ds.manifest.tokenizer_path
     info["decoded_grid"], skipped = None, "no tokenizer checkpoint found; pass --tokenizer"
     if ckpt and (args.tokenizer or Path(ckpt, "model.safetensors").is_file()) and args.rows > 0:
-        out = Path(args.grid) if args.grid else ds.root / "inspect-grid.png"
+        out = Path(args.grid) if args.grid else (Path("inspect-grid.png") if ds.remote else ds.root / "inspect-grid.png")
         try:
             grid = decode_grid(ds, Path(ckpt), out, args.rows, args.split)
         except GridError as e:

@@ -1,7 +1,7 @@
 """Read a token dataset: the manifest, the Lance table and the MDS shards, tokens as 18-bit indices or
 (6, 12)-bit sub-tokens, all as ``shared.token_dataset`` defines them.
 
-    ds = TokenDataset("data/imagenet-tokens")
+    ds = TokenDataset("data/imagenet-tokens")    # or "s3://bucket/imagenet-tokens" (see shared.object_store)
     rows = ds.read_lance(split="train")          # dict: id, label, view, path, tokens (N, h, w) int64
     pre, post = ds.subtokens(rows["tokens"])      # (N, h, w) each: index & 63, index >> 6
     stream = ds.streaming("train", local="cache/train", batch_size=64, shuffle=True)  # StreamingDataset
@@ -17,15 +17,20 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dataprep import stores
+from shared import object_store
 from shared import token_dataset as td
 from shared.tokens import split_index
 
 
 class TokenDataset:
-    """A finished dataset; the manifest is validated on opening (``ManifestError`` otherwise)."""
+    """A finished dataset, in a local directory or on object storage (``s3://bucket/prefix``); the manifest
+    is validated on opening (``ManifestError`` otherwise)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.remote = td.is_remote(root)
+        self.root = str(root).rstrip("/") if self.remote else Path(root)
+        if object_store.is_s3(root):
+            object_store.configure()  # hands the environment's endpoint to Streaming too
         self.manifest: td.Manifest = td.read_manifest(self.root)
         self.grid: Tuple[int, int] = self.manifest.grid
         self.bits: int = self.manifest.bits_per_token
@@ -58,9 +63,11 @@ class TokenDataset:
         encoded or a killed job, are not the dataset's), opened on first use; its columns must be the ones
         the manifest names."""
         if self._lance is None:
-            import lance
-
-            ds = lance.dataset(td.lance_uri(self.root), version=self.manifest.lance_version)
+            try:
+                ds = td.open_lance(self.root, self.manifest.lance_version)
+            except (OSError, ValueError) as e:  # Lance's errors carry Rust source locations on later lines
+                raise td.ManifestError(f"cannot open {td.lance_uri(self.root)} at version "
+                                       f"{self.manifest.lance_version}: {str(e).splitlines()[0][:400]}") from None
             have = {f.name: str(f.type) for f in ds.schema}
             want = td.stores(self.packing)["lance"]["columns"]
             if have != want:
@@ -91,32 +98,35 @@ class TokenDataset:
         return self.read_lance(filter=f"id IN ({quoted})")
 
     # --- MDS -----------------------------------------------------------------------------------------
-    def mds_dir(self, split: str) -> Path:
-        return td.mds_split_dir(self.root, split)
+    def mds_dir(self, split: str) -> str:
+        return td.dataset_uri(self.root, td.MDS_DIR, split)
 
     def streaming(self, split: str, local: str | Path, **kwargs):
         """A StreamingDataset over the split's shards (``local``: a cache directory of its own, since
-        compressed shards get decompressed copies). Samples carry ``tokens`` as (h, w) int64."""
+        compressed shards get decompressed copies). A sample is an image: ``id``, ``label`` and ``tokens``
+        (V, h, w) int64, its views in the manifest's ``views`` order."""
         from streaming import StreamingDataset
 
-        grid, packing = self.grid, self.packing
+        grid, packing, views = self.grid, self.packing, len(self.manifest.views)
 
         class _Tokens(StreamingDataset):
-            def get_item(self, idx: int) -> Dict[str, Any]:
-                s = super().get_item(idx)
-                s["tokens"] = packing.decode(s["tokens"]).reshape(grid)
+            def get_item(self, idx: int, retry: int = 7, *, raw: bool = False) -> Dict[str, Any]:
+                s = super().get_item(idx, retry)
+                if not raw:
+                    s["tokens"] = packing.decode_views(s["tokens"], views).reshape(views, *grid)
                 return s
 
-        return _Tokens(remote=str(self.mds_dir(split)), local=str(local), **kwargs)
+        return _Tokens(remote=self.mds_dir(split), local=str(local), **kwargs)
 
     def read_mds(self, split: str, local: str | Path) -> Dict[str, Any]:
-        """Every MDS sample of a split, in storage order, as columns (tests and inspection)."""
+        """Every (image, view) row of a split's MDS samples, in storage order, as the columns ``read_lance``
+        gives (tests and inspection)."""
         td.clean_stale_streaming_shm()
         ds = self.streaming(split, local, shuffle=False, batch_size=1)
-        rows = [ds[i] for i in range(ds.num_samples)]
-        return {"id": [r["id"] for r in rows], "label": [int(r["label"]) for r in rows],
-                "view": [int(r["view"]) for r in rows],
-                "tokens": np.stack([r["tokens"] for r in rows]) if rows else np.zeros((0, *self.grid), np.int64)}
+        rows = [r for i in range(ds.num_samples)
+                for r in td.mds_rows(ds.get_item(i, raw=True), self.packing.bytes_per_image)]
+        return {"id": [r[0] for r in rows], "label": [r[1] for r in rows], "view": [r[2] for r in rows],
+                "tokens": self.unpack([r[3] for r in rows]) if rows else np.zeros((0, *self.grid), np.int64)}
 
     # --- sizes ---------------------------------------------------------------------------------------
     def bytes_per_token(self) -> Dict[str, Dict[str, float]]:
@@ -124,7 +134,7 @@ class TokenDataset:
         rows = sum(c.rows for c in self.manifest.counts.values())
         tokens = rows * self.tokens_per_image
         out = {}
-        for name, path in (("lance", self.root / td.LANCE_DIR), ("mds", self.root / td.MDS_DIR)):
-            size = stores.store_bytes(path)
+        for name, sub in (("lance", td.LANCE_DIR), ("mds", td.MDS_DIR)):
+            size = stores.store_bytes(td.dataset_uri(self.root, sub))
             out[name] = {"bytes": size, "tokens": tokens, "bytes_per_token": size / tokens if tokens else float("nan")}
         return out

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from shared import object_store
 from shared import token_dataset as td
 
 
@@ -70,8 +71,10 @@ def remove_stray_mds(root: Path, split: str, committed: Sequence[int]) -> List[s
     return removed
 
 
-def store_bytes(path: Path) -> int:
-    """Bytes on disk of every file under ``path`` (the whole store, metadata included)."""
+def store_bytes(path: Path | str) -> int:
+    """Bytes of every file (or object, on object storage) under ``path``: the whole store, metadata included."""
+    if object_store.is_s3(path):
+        return sum(size for _, size in object_store.list_objects(str(path)))
     path = Path(path)
     if path.is_file():
         return path.stat().st_size

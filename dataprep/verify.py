@@ -8,7 +8,7 @@ What is checked (``shared.token_dataset``'s ``commits`` block says what was comm
     rows against the chunk's ``rows_sha256`` / ``paths_sha256``; row ids, splits and views consistent;
   * MDS, per split: index.json against its sha256 (when it is missing or damaged, the chunk indexes are
     used instead, so the shards can still be checked), every shard file against the sha1 in the index,
-    every sample decoded, each chunk's samples against ``rows_sha256``;
+    every sample (an image) decoded into its (image, view) rows, each chunk's rows against ``rows_sha256``;
   * across: the ids of each split in both stores, per id the same label, view and tokens, and the row
     counts of the manifest.
 A problem names the store, split, file and rows; notes are states that are not damage (a split being
@@ -184,11 +184,13 @@ def _mds_rows(root: Path, split: str, m: td.Manifest, rep: Report) -> RowDigests
                              f"{', '.join(stray)}")
     rows: RowDigests = {}
     for shard in shards or []:
-        _read_shard(base, rel, shard, m.commits is not None, rows, rep)
+        _read_shard(base, rel, shard, m.commits is not None, m.packing.bytes_per_image, len(m.views), rows, rep)
     return rows
 
 
-def _read_shard(base: Path, rel: str, shard: Dict[str, Any], want_hash: bool, rows: RowDigests, rep: Report) -> None:
+def _read_shard(base: Path, rel: str, shard: Dict[str, Any], want_hash: bool, bytes_per_image: int, views: int,
+                rows: RowDigests, rep: Report) -> None:
+    """Add the (image, view) rows of one shard's samples (``td.mds_rows``) to ``rows``."""
     from streaming.base.compression import decompress
     from streaming.base.format import reader_from_json
 
@@ -196,7 +198,8 @@ def _read_shard(base: Path, rel: str, shard: Dict[str, Any], want_hash: bool, ro
     name = f"{rel}/{info['basename']}"
     f = base / info["basename"]
     if not f.is_file():
-        rep.problems.append(f"{name}: missing ({shard['samples']} rows)")
+        n = int(shard["samples"])
+        rep.problems.append(f"{name}: missing ({n} images: {n * views} rows)")
         return
     data = f.read_bytes()
     digest = info.get("hashes", {}).get(td.MDS_HASH)
@@ -211,8 +214,9 @@ def _read_shard(base: Path, rel: str, shard: Dict[str, Any], want_hash: bool, ro
         n = int(shard["samples"])
         offsets = np.frombuffer(raw, np.uint32, count=n + 1, offset=4)
         for i in range(n):
-            s = reader.decode_sample(raw[offsets[i]:offsets[i + 1]])
-            rows[s["id"]] = (td.row_digest(s["id"], s["label"], s["view"], s["tokens"]), name)
+            for rid, label, view, tokens in td.mds_rows(reader.decode_sample(raw[offsets[i]:offsets[i + 1]]),
+                                                        bytes_per_image):
+                rows[rid] = (td.row_digest(rid, label, view, tokens), name)
     except Exception as e:  # a damaged shard may not decompress or parse: report it, check the rest
         rep.problems.append(f"{name}: cannot be decoded ({cli.first_line(e, with_type=True)})")
 

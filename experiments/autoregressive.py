@@ -60,7 +60,7 @@ def build_dataset(fm: FashionData, fm_root: Path, tokenizer: Path, out: Path, cp
 
 def load_split(dataset: Path, split: str, bits: Sequence[int], cache: Path) -> Split:
     manifest = sdata.read_manifest(str(dataset))
-    layout = sdata.TokenLayout(manifest.tokens_per_image, manifest.bits_per_token, tuple(bits))
+    layout = sdata.TokenLayout(manifest.tokens_per_image, manifest.bits_per_token, tuple(bits), len(manifest.views))
     ds = sdata.make_dataset(str(dataset), split=split, batch_size=1, layout=layout, cache_dir=str(cache),
                             shuffle=False)
     rows = [ds[i] for i in range(ds.size)]

@@ -6,9 +6,15 @@ their synthetic datasets with the same writer (``write_dataset``), so there is n
     DATASET/manifest.json            what the tokens are; validated by ``read_manifest`` (schema below)
     DATASET/tokens.lance/            Lance table, one row per (image, view): LANCE_COLUMNS
     DATASET/mds/<split>/             MosaicML Streaming shards in chunk-NNNNN/ sub-directories joined by
-                                     mds/<split>/index.json: MDS_COLUMNS, zstd
+                                     mds/<split>/index.json: one sample per image (MDS_COLUMNS, zstd)
 
-Manifest (format ``open-magvit2-tokens``, version 2): ``packing`` (everything needed to turn a row's
+An MDS sample is an image: ``id`` (``image_id``), ``label`` and ``tokens``, the packed rows of all its
+views concatenated in ``views`` order (V x bytes_per_image). Training then sees every image once per
+epoch, with one of its views (Stage 2 picks it), as the official recipe's on-the-fly augmentation does;
+one sample per (image, view) would make an epoch V passes over the images. ``mds_rows`` expands a
+sample back into the (image, view) rows the Lance table holds.
+
+Manifest (format ``open-magvit2-tokens``, version 3): ``packing`` (everything needed to turn a row's
 ``tokens`` bytes back into indices, see ``Packing``), ``bits_per_token``, ``bit_order`` (how LFQ channels
 map to index bits), ``subtoken_bits``, ``grid``, ``tokens_per_image``, ``classes``/``num_classes``,
 ``resolution``, ``views`` (a row's ``view`` is the position in this list), ``tokenizer`` {preset, config,
@@ -16,7 +22,7 @@ checkpoint_sha256}, ``counts`` per split {images, encoded_images, failed_images,
 complete}, ``failures``, ``stores`` (paths and column types), ``created``, ``updated``, ``code_version``,
 ``tokenizer_path`` (a hint, may be null), and ``commits`` (what was committed, with checksums: see
 ``check_commits``; absent from datasets written before it existed, which then have no checksums).
-Version 1 (no packing block, and test datasets that wrote ``counts`` as plain ints) is refused: re-encode it.
+Older versions are refused (re-encode them): 1 had no packing block, 2 had one MDS sample per (image, view).
 
 Readers open the Lance table at ``commits.lance_version``: rows a writer appended after the manifest was
 written (a split being encoded, a killed job's debris) are not part of the dataset.
@@ -43,10 +49,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from shared import atomic
+from shared import atomic, object_store
 
 FORMAT = "open-magvit2-tokens"
-VERSION = 2
+VERSION = 3
 MANIFEST = "manifest.json"
 LANCE_DIR = "tokens.lance"
 MDS_DIR = "mds"
@@ -61,7 +67,7 @@ PACKING_ORDER = ("token t occupies stream bits [t*bits, (t+1)*bits), least signi
 LANCE_COLUMNS = {"id": "string", "split": "string", "path": "string", "label": "int32", "view": "int8",
                  "tokens": "fixed_size_binary"}
 LANCE_FORMAT = "2.1"
-MDS_COLUMNS = {"id": "str", "label": "int", "view": "int", "tokens": "bytes"}
+MDS_COLUMNS = {"id": "str", "label": "int", "tokens": "bytes"}  # one image: see the module doc
 MDS_COMPRESSION = "zstd"
 MDS_HASH = "sha1"  # Streaming records it for every shard file in index.json; verification recomputes it
 # Small records (~600 B) shuffle well only when shards are small: Streaming shuffles shard by shard,
@@ -104,6 +110,16 @@ def check_split_name(name: Any) -> str:
 def row_id(split: str, index: int, view: int) -> str:
     """Stable id of one (image, view) row: short and sequential, so it compresses to almost nothing."""
     return f"{split}-{index:08d}-{view}"
+
+
+def image_id(split: str, index: int) -> str:
+    """Id of one image (an MDS sample): its rows' ``row_id`` without the view."""
+    return f"{split}-{index:08d}"
+
+
+def parse_image_id(iid: str) -> Tuple[str, int]:
+    split, index = iid.rsplit("-", 1)
+    return split, int(index)
 
 
 def now_iso() -> str:
@@ -188,6 +204,18 @@ class Packing:
         from shared.tokens import unpack_tokens
 
         return unpack_tokens(data, self.tokens_per_image, self.bits)
+
+    def view(self, sample_tokens: Union[bytes, bytearray, memoryview], view: int) -> bytes:
+        """One view's packed row out of an MDS sample's ``tokens`` (its views' rows concatenated)."""
+        n = self.bytes_per_image
+        return bytes(sample_tokens[view * n:(view + 1) * n])
+
+    def decode_views(self, sample_tokens: Union[bytes, bytearray, memoryview], views: int) -> np.ndarray:
+        """(views, tokens_per_image) int64 indices of an MDS sample's ``tokens``."""
+        if len(sample_tokens) != views * self.bytes_per_image:
+            raise ValueError(f"an image of {views} views holds {views * self.bytes_per_image} token bytes, got "
+                             f"{len(sample_tokens)}")
+        return np.stack([self.decode(self.view(sample_tokens, v)) for v in range(views)])
 
     def to_dict(self) -> Dict[str, Any]:
         return {"codec": PACKING_CODEC, "bits": self.bits, "tokens_per_image": self.tokens_per_image,
@@ -287,7 +315,8 @@ def stores(packing: Packing) -> Dict[str, Any]:
     """The ``stores`` block: where each store lives and its column types (readers check it)."""
     lance = dict(LANCE_COLUMNS, tokens=f"fixed_size_binary[{packing.bytes_per_image}]")
     return {"lance": {"path": LANCE_DIR, "format": LANCE_FORMAT, "columns": lance},
-            "mds": {"path": f"{MDS_DIR}/<split>", "compression": MDS_COMPRESSION, "columns": dict(MDS_COLUMNS)}}
+            "mds": {"path": f"{MDS_DIR}/<split>", "compression": MDS_COMPRESSION, "columns": dict(MDS_COLUMNS),
+                    "sample": "image: tokens are its views' packed rows, concatenated in views order"}}
 
 
 @dataclass(frozen=True)
@@ -549,7 +578,17 @@ def is_remote(uri: PathOrUri) -> bool:
 def read_manifest(dataset: PathOrUri, cache_dir: Optional[str] = None) -> Manifest:
     """The validated manifest of a dataset directory or remote URI (s3://, gs://, ...)."""
     dataset = str(dataset)
-    if is_remote(dataset):
+    if object_store.is_s3(dataset):
+        where = object_store.join(dataset, MANIFEST)
+        try:
+            data = object_store.get_bytes(where)
+        except object_store.StoreError as e:
+            raise ManifestError(f"cannot read {MANIFEST}: {e}") from None
+        if data is None:
+            raise ManifestError(f"{object_store.redact(dataset)} is not a token dataset: {MANIFEST} is missing "
+                                "(not published, or still being published)")
+        return _parse_manifest(data, object_store.redact(where))
+    if is_remote(dataset):  # other schemes: Streaming's downloader knows them
         from streaming.base.storage.download import CloudDownloader
 
         local = Path(cache_dir or tempfile.mkdtemp(prefix="manifest-")) / MANIFEST
@@ -559,17 +598,19 @@ def read_manifest(dataset: PathOrUri, cache_dir: Optional[str] = None) -> Manife
             CloudDownloader.direct_download(dataset.rstrip("/") + "/" + MANIFEST, str(local))
         except Exception as e:
             raise ManifestError(f"cannot fetch {MANIFEST} from {dataset}: {type(e).__name__}: {e}") from None
-        path, where = local, dataset.rstrip("/") + "/" + MANIFEST
-    else:
-        path = Path(dataset) / MANIFEST
-        where = str(path)
-        if not path.is_file():
-            raise ManifestError(f"{dataset} is not a token dataset: {MANIFEST} is missing")
+        return _parse_manifest(local.read_bytes(), dataset.rstrip("/") + "/" + MANIFEST)
+    path = Path(dataset) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{dataset} is not a token dataset: {MANIFEST} is missing")
+    return _parse_manifest(path.read_bytes(), str(path))
+
+
+def _parse_manifest(data: bytes, where: str) -> Manifest:
     try:
-        data = json.loads(path.read_text())
+        d = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{where} is not valid JSON: {e}") from None
-    return Manifest.from_dict(data, where)
+    return Manifest.from_dict(d, where)
 
 
 def write_manifest(root: PathOrUri, manifest: Manifest) -> Dict[str, Any]:
@@ -589,23 +630,60 @@ def chunk_dir_name(chunk: int) -> str:
     return f"chunk-{chunk:05d}"
 
 
-def write_mds_chunk(root: PathOrUri, split: str, chunk: int, rows: Sequence[Mapping[str, Any]],
+def mds_samples(rows: Sequence[Mapping[str, Any]], num_views: int) -> List[Dict[str, Any]]:
+    """(image, view) rows {id, label, view, tokens} -> one MDS sample per image, in image order.
+
+    Every image must come with each of its ``num_views`` views exactly once, all with one label.
+    """
+    by_image: Dict[Tuple[str, int], Dict[int, Mapping[str, Any]]] = {}
+    for r in rows:
+        split, index, view = parse_row_id(r["id"])
+        if not 0 <= int(r["view"]) < num_views or int(r["view"]) != view:
+            raise ValueError(f"row {r['id']}: view {r['view']} is not one of the {num_views} views")
+        views = by_image.setdefault((split, index), {})
+        if view in views:
+            raise ValueError(f"row {r['id']} is given twice")
+        views[view] = r
+    out = []
+    for (split, index), views in sorted(by_image.items(), key=lambda kv: kv[0][1]):
+        if len(views) != num_views or len({int(r["label"]) for r in views.values()}) != 1:
+            raise ValueError(f"image {image_id(split, index)}: needs {num_views} views with one label, got "
+                             f"views {sorted(views)}")
+        out.append({"id": image_id(split, index), "label": int(views[0]["label"]),
+                    "tokens": b"".join(bytes(views[v]["tokens"]) for v in range(num_views))})
+    return out
+
+
+def mds_rows(sample: Mapping[str, Any], bytes_per_image: int) -> List[Tuple[str, int, int, bytes]]:
+    """An MDS sample -> its (row id, label, view, packed tokens) rows, as the Lance table holds them."""
+    data = bytes(sample["tokens"])
+    if not data or len(data) % bytes_per_image:
+        raise ValueError(f"sample {sample['id']}: {len(data)} token bytes are not a whole number of "
+                         f"{bytes_per_image}-byte views")
+    split, index = parse_image_id(sample["id"])
+    return [(row_id(split, index, v), int(sample["label"]), v, data[v * bytes_per_image:(v + 1) * bytes_per_image])
+            for v in range(len(data) // bytes_per_image)]
+
+
+def write_mds_chunk(root: PathOrUri, split: str, chunk: int, rows: Sequence[Mapping[str, Any]], num_views: int,
                     shard_bytes: int = MDS_SHARD_BYTES) -> Path:
-    """Write rows {id, label, view, tokens: packed bytes} as zstd shards into mds/<split>/chunk-NNNNN.
+    """Write (image, view) rows {id, label, view, tokens: packed bytes} as zstd shards of one sample per
+    image (``mds_samples``) into mds/<split>/chunk-NNNNN.
 
     Written under a temporary name and renamed, so a chunk directory is either complete or absent. Each
     shard's MDS_HASH is recorded in the chunk's index.json.
     """
     from streaming import MDSWriter
 
+    samples = mds_samples(rows, num_views)
     final = mds_split_dir(root, split) / chunk_dir_name(chunk)
     tmp = final.parent / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     with MDSWriter(out=str(tmp), columns=MDS_COLUMNS, compression=MDS_COMPRESSION, size_limit=shard_bytes,
                    hashes=[MDS_HASH], exist_ok=True) as w:
-        for r in rows:
-            w.write({"id": r["id"], "label": int(r["label"]), "view": int(r["view"]), "tokens": r["tokens"]})
+        for sample in samples:
+            w.write(sample)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -653,8 +731,21 @@ def lance_table(rows: Sequence[Mapping[str, Any]], schema):
     return pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in schema}, schema=schema)
 
 
+def dataset_uri(root: PathOrUri, *parts: str) -> str:
+    """A path inside a dataset, local or remote."""
+    return object_store.join(str(root), *parts) if is_remote(root) else str(Path(root, *parts))
+
+
 def lance_uri(root: PathOrUri) -> str:
-    return str(Path(root) / LANCE_DIR)
+    return dataset_uri(root, LANCE_DIR)
+
+
+def open_lance(root: PathOrUri, version: Optional[int]):
+    """The dataset's Lance table at ``version`` (None: the latest), on local disk or object storage."""
+    import lance
+
+    opts = object_store.lance_options() if object_store.is_s3(root) else None
+    return lance.dataset(lance_uri(root), version=version, storage_options=opts)
 
 
 def append_lance(root: PathOrUri, table) -> int:
@@ -721,7 +812,7 @@ def write_dataset(root: PathOrUri, splits: Mapping[str, Tuple[Any, Sequence[int]
             part = [{"id": row_id(name, i, v), "split": name, "path": f"synthetic/{name}/{i:08d}", "label": labs[i],
                      "view": v, "tokens": packing.encode(tok[i, v])}
                     for i in range(first, stop) for v in range(len(views))]
-            mds = write_mds_chunk(root, name, c, part, shard_bytes)
+            mds = write_mds_chunk(root, name, c, part, len(views), shard_bytes)
             version = append_lance(root, lance_table(part, schema))
             records.append(chunk_record(c, first, stop - first, part, mds))
         committed[name] = {"mds_index_sha256": merge_mds(root, name, chunks), "chunks": records}

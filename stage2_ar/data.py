@@ -1,9 +1,11 @@
 """Stage-2 data: streamed token shards (MosaicML Streaming MDS) -> (sub-tokens, label) samples.
 
 The dataset is the one dataprep writes, in the format ``shared.token_dataset`` defines (manifest.json
-says what the tokens are and how a row's bytes are packed; mds/<split>/ holds the shards). Each row is
-decoded with the manifest's packing and every index split into sub-tokens (6, 12) -> (index & 63,
-index >> 6), the order the model consumes.
+says what the tokens are and how a row's bytes are packed; mds/<split>/ holds the shards, one sample per
+image with all its stored views). Training takes one view of each image per epoch (``epoch_view``), so an
+epoch is one pass over the images, as in the official recipe (which augments each image on the fly once
+per epoch); evaluation always takes view 0. The row is decoded with the manifest's packing and every
+index split into sub-tokens (6, 12) -> (index & 63, index >> 6), the order the model consumes.
 
 Things that matter for correct multi-device training (see the stack notes):
 - the per-device batch size is given to the dataset, so the sample partition is the same one the
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
+from shared import object_store
 from shared import token_dataset as td
 from shared.preemption import worker_ignores_signals
 from shared.token_dataset import Manifest, ManifestError  # the trainer catches sdata.ManifestError
@@ -61,35 +64,79 @@ def check_manifest(manifest: Manifest, model_cfg: Any) -> None:
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """How to turn one packed row into sub-tokens."""
+    """How to turn one MDS sample (an image with ``views`` stored views) into sub-tokens."""
 
     tokens_per_image: int
     bits_per_token: int = 18
     subtoken_bits: Tuple[int, ...] = (6, 12)
+    views: int = 1
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "TokenLayout":
-        return cls(manifest.tokens_per_image, manifest.bits_per_token, manifest.subtoken_bits)
+        return cls(manifest.tokens_per_image, manifest.bits_per_token, manifest.subtoken_bits, len(manifest.views))
 
     @property
     def packing(self) -> td.Packing:
         return td.Packing(self.bits_per_token, self.tokens_per_image)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """A 64-bit finaliser (splitmix64's): consecutive inputs give unrelated outputs."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def epoch_view(seed: int, epoch: int, image: int, views: int) -> int:
+    """The stored view image ``image`` contributes to ``epoch``.
+
+    Epochs run in cycles of ``views``: within a cycle every view is taken exactly once, in an order drawn
+    from (seed, cycle, image). A pure function of its arguments, so a resumed run (Streaming restores the
+    epoch) takes the same views as an uninterrupted one, whatever the number of workers or devices.
+    """
+    if views == 1:
+        return 0
+    cycle, position = divmod(int(epoch), views)
+    base = _mix64(_mix64(_mix64(int(seed) & _MASK64) ^ cycle) ^ int(image))
+    order = sorted(range(views), key=lambda v: _mix64(base ^ v))
+    return order[position]
+
+
 class TokenShardDataset(StreamingDataset):
-    """Yields ``((sub_0, sub_1, ...), label)``: int64 tensors of shape (T,) and an int64 scalar."""
+    """Yields ``((sub_0, sub_1, ...), label)``: int64 tensors of shape (T,) and an int64 scalar.
+
+    ``view_seed``: take each image's view of the current epoch (``epoch_view``); None takes view 0.
+    """
 
     def __init__(self, *, remote: Optional[str], local: str, split: str, layout: TokenLayout,
                  batch_size: int, shuffle: bool = True, shuffle_seed: int = 0,
-                 num_canonical_nodes: int = 1, **kwargs: Any) -> None:
+                 num_canonical_nodes: int = 1, view_seed: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(remote=remote, local=local, split=split, batch_size=batch_size, shuffle=shuffle,
                          shuffle_seed=shuffle_seed, num_canonical_nodes=num_canonical_nodes, **kwargs)
         self.layout = layout
         self.packing = layout.packing
+        self.view_seed = view_seed
+        self.epoch = 0  # the epoch being iterated, in the process that iterates (a DataLoader worker)
+
+    def _resume_incr_epoch(self) -> Tuple[int, int]:
+        # Streaming decides here, in the iterating process, which epoch starts (or resumes): the one
+        # place that knows it before the samples are drawn.
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self.epoch = epoch
+        return epoch, sample_in_epoch
+
+    def view_of(self, sample_id: str) -> int:
+        if self.view_seed is None:
+            return 0
+        return epoch_view(self.view_seed, self.epoch, td.parse_image_id(sample_id)[1], self.layout.views)
 
     def __getitem__(self, index: int):
         row = super().__getitem__(index)
-        idx = self.packing.decode(row["tokens"])
+        idx = self.packing.decode(self.packing.view(row["tokens"], self.view_of(row["id"])))
         subs = tuple(torch.from_numpy(np.ascontiguousarray(s)) for s in split_index(idx, self.layout.subtoken_bits))
         return subs, torch.tensor(int(row["label"]), dtype=torch.int64)
 
@@ -110,7 +157,14 @@ def make_dataset(dataset: str, *, split: str, batch_size: int, layout: TokenLayo
         remote = dataset.rstrip("/") + "/" + td.MDS_DIR
     else:
         remote = str(Path(dataset).resolve() / td.MDS_DIR)
-    if not td.is_remote(dataset) and not (Path(remote) / split / "index.json").is_file():
+    if object_store.is_s3(dataset):
+        try:
+            found = object_store.head(object_store.join(remote, split, "index.json")) is not None
+        except object_store.StoreError as e:
+            raise ManifestError(str(e)) from None
+    else:
+        found = td.is_remote(dataset) or (Path(remote) / split / "index.json").is_file()
+    if not found:
         raise ManifestError(f"{dataset} has no MDS split {split!r} ({td.MDS_DIR}/{split}/index.json is missing)")
     local = cache_dir or default_cache_dir(dataset)
     return TokenShardDataset(remote=remote, local=local, split=split, layout=layout, batch_size=batch_size,

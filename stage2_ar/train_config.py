@@ -48,6 +48,8 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = ""                        # dataset directory (manifest.json + mds/) or remote URI (s3://, gs://)
+    s3_endpoint_url: str = ""             # an S3-compatible store's endpoint ("": AWS_ENDPOINT_URL[_S3], else AWS);
+                                          # credentials: the AWS environment or profile, never the config
     split: str = "train"
     val_split: str = ""                   # e.g. "val": report its loss every eval_every steps
     cache_dir: str = ""                   # local cache of the shards; "" -> <out_dir>/mds-cache

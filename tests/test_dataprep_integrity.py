@@ -76,10 +76,11 @@ def test_deleted_mds_shard(clean, tmp_path, capsys):
     index = json.loads((root / "mds" / "train" / "index.json").read_text())
     n = {s["zip_data"]["basename"]: s["samples"] for s in index["shards"]}[f"chunk-00001/{shard.name}"]
     shard.unlink()
-    _damaged(root, capsys, rf"mds/train/chunk-00001/{shard.name}: missing \({n} rows\)",
+    views = len(json.loads((root / "manifest.json").read_text())["views"])
+    _damaged(root, capsys, rf"mds/train/chunk-00001/{shard.name}: missing \({n} images: {n * views} rows\)",
              r"mds/train: split 'train' chunk 1 \(images 10..19\) differs from its checksum; rows missing: "
              r"train-00000010-0",
-             rf"split 'train': the two stores disagree \(only in Lance {n}: ")
+             rf"split 'train': the two stores disagree \(only in Lance {n * views}: ")
 
 
 def test_deleted_mds_index(clean, tmp_path, capsys):

@@ -154,11 +154,11 @@ def test_commit_crash_debris_is_rolled_back(tmp_path):
     schema = td.lance_schema(td.Packing(18, 16), s)
     rows0, rows1, rows2 = _rows("train", 0, 4, rng), _rows("train", 4, 8, rng), _rows("train", 8, 9, rng)
     rows1[1] = {**rows1[1], "view": -1, "tokens": b"", "error": "corrupt: broken"}
-    encode.commit_chunk(root, st, "train", 0, list(rows0), 4, schema)
-    encode.commit_chunk(root, st, "train", 1, list(rows1), 4, schema)
+    encode.commit_chunk(root, st, "train", 0, list(rows0), 4, schema, 1)
+    encode.commit_chunk(root, st, "train", 1, list(rows1), 4, schema, 1)
     committed_version = st.lance_version
     # A killed run: chunk 2 reached MDS and Lance, but not the record.
-    td.write_mds_chunk(root, "train", 2, rows2)
+    td.write_mds_chunk(root, "train", 2, rows2, 1)
     stores.LanceStore(root).append(td.lance_table([{**r, "split": "train"} for r in rows2], schema))
     assert stores.LanceStore(root).dataset().count_rows() == 8
     st2 = state.State.load(root)
@@ -167,9 +167,9 @@ def test_commit_crash_debris_is_rolled_back(tmp_path):
     assert stores.LanceStore(root).dataset().count_rows() == 7
     assert not (td.mds_split_dir(root, "train") / "chunk-00002").exists()
     # Resume commits chunk 2 once, then a chunk whose only image failed; finalize merges and compacts.
-    encode.commit_chunk(root, st2, "train", 2, list(rows2), 1, schema)
+    encode.commit_chunk(root, st2, "train", 2, list(rows2), 1, schema, 1)
     dead = {**_rows("train", 9, 10, rng)[0], "view": -1, "tokens": b"", "error": "not an image"}
-    encode.commit_chunk(root, st2, "train", 3, [dead], 1, schema)
+    encode.commit_chunk(root, st2, "train", 3, [dead], 1, schema, 1)
     m = encode.finalize(root, st2, "train")
     assert m["counts"]["train"]["encoded_images"] == 8 and m["failures"] == 2
     assert m["counts"]["train"]["per_class"] == {"0": 3, "1": 3, "2": 2}
@@ -267,7 +267,7 @@ def test_bytes_per_token_budget_with_real_tokens(tmp_path):
              "label": i // 12, "view": 0, "tokens": pack_tokens(t).tobytes(), "error": ""}
             for i, t in enumerate(idx)]
     for c, (lo, hi) in enumerate(listing.chunk_ranges(len(rows), 300)):
-        encode.commit_chunk(root, st, "train", c, rows[lo:hi], hi - lo, schema)
+        encode.commit_chunk(root, st, "train", c, rows[lo:hi], hi - lo, schema, 1)
     encode.finalize(root, st, "train")
     bpt = TokenDataset(root).bytes_per_token()
     assert bpt["lance"]["tokens"] == 1200 * 256

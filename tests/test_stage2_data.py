@@ -97,18 +97,19 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from shared.tokens import join_index
     from stage2_ar.data import TokenLayout, build_loader, read_manifest
-    ds, cache, out, mode, stop = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    ds, cache, out, mode, stop, epochs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], *map(int, sys.argv[5:7])
     lay = TokenLayout.from_manifest(read_manifest(ds))
     dl = build_loader(ds, split="train", batch_size=4, layout=lay, num_workers=2, cache_dir=cache,
-                      shuffle=True, shuffle_seed=11, num_canonical_nodes=2)
+                      shuffle=True, shuffle_seed=11, num_canonical_nodes=2, view_seed=11)
     if mode == "resume":
         dl.load_state_dict(json.load(open(out + ".state")))
     rows = []
-    for i, (subs, labels) in enumerate(dl):
-        rows += join_index(subs, (6, 12))[:, 0].tolist()
-        if mode == "first" and i + 1 == stop:
-            json.dump(dl.state_dict(), open(out + ".state", "w"))
-            break
+    for epoch in range(epochs):
+        for i, (subs, labels) in enumerate(dl):
+            rows += join_index(subs, (6, 12))[:, :2].tolist()  # (row number, view) of each sample
+            if mode == "first" and epoch == epochs - 1 and i + 1 == stop:
+                json.dump(dl.state_dict(), open(out + ".state", "w"))
+                break
     json.dump(rows, open(out, "w"))
 """)
 
@@ -135,29 +136,61 @@ def test_two_ranks_two_workers_cover_epoch_exactly_once(dataset, tmp_path):
     for rank in range(2):
         env = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(_run(script, [dataset.path, tmp_path / "cache", tmp_path / f"rank{rank}.json", "full", 0], env))
+        procs.append(_run(script, [dataset.path, tmp_path / "cache", tmp_path / f"rank{rank}.json", "full", 0, 1], env))
     _wait(procs)
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    seen = [[r for r, _ in json.loads((tmp_path / f"rank{r}.json").read_text())] for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == N // 2  # same number of steps on both ranks
     assert sorted(seen[0] + seen[1]) == list(range(N))  # every sample exactly once
 
 
+@pytest.fixture(scope="module")
+def three_views(tmp_path_factory):
+    """Three stored views per image; token 0 holds the row number, token 1 the view."""
+    out = tmp_path_factory.mktemp("views")
+    tok = np.repeat(make_tokens()[:, None], 3, 1)
+    tok[:, :, 1] = np.arange(3)
+    write_tokens(out, {"train": (tok, (np.arange(N) * 7) % CLASSES)}, grid=GRID, num_classes=CLASSES,
+                 views=("center", "flip", "crop2"), shard_bytes=1 << 11)
+    return out
+
+
 @pytest.mark.slow
-def test_mid_epoch_state_resumes_exactly_in_new_process(dataset, tmp_path):
+def test_mid_epoch_state_resumes_exactly_in_new_process(three_views, tmp_path):
+    """Two epochs of a three-view dataset: one sample per image per epoch, a different view of every
+    image in each epoch, and a run stopped in the second epoch resumes with the same samples and views."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    full = _run(script, [dataset.path, tmp_path / "c_full", tmp_path / "full.json", "full", 0])
-    first = _run(script, [dataset.path, tmp_path / "c_first", tmp_path / "part.json", "first", 5])
-    _wait([full, first])
+    # one after the other: two Streaming readers created at the same instant can race for the same
+    # shared-memory prefix (FileExistsError in Streaming's get_shm_prefix)
+    _wait([_run(script, [three_views, tmp_path / "c_full", tmp_path / "full.json", "full", 0, 2])])
+    _wait([_run(script, [three_views, tmp_path / "c_first", tmp_path / "part.json", "first", 5, 2])])
     state = json.loads((tmp_path / "part.json.state").read_text())
-    assert state["sample_in_epoch"] == 5 * 4
+    assert (state["epoch"], state["sample_in_epoch"]) == (1, 5 * 4)
     part = json.loads((tmp_path / "part.json").read_text())
-    rest = _run(script, [dataset.path, tmp_path / "c_rest", tmp_path / "part.json", "resume", 0])
+    rest = _run(script, [three_views, tmp_path / "c_rest", tmp_path / "part.json", "resume", 0, 1])
     _wait([rest])
     rest_rows = json.loads((tmp_path / "part.json").read_text())
     expected = json.loads((tmp_path / "full.json").read_text())
-    assert sorted(expected) == list(range(N))
+    epochs = expected[:N], expected[N:]
+    assert len(expected) == 2 * N and all(sorted(r for r, _ in e) == list(range(N)) for e in epochs)
+    views = [dict(map(tuple, e)) for e in epochs]
+    assert all(views[0][i] != views[1][i] for i in range(N))  # a cycle of 3 epochs takes each view once
+    assert all(set(v.values()) == {0, 1, 2} for v in views)
     assert part + rest_rows == expected
+
+
+def test_epoch_view_cycles_through_every_view():
+    from stage2_ar.data import epoch_view
+
+    for views in (1, 2, 10):
+        for image in range(50):
+            for cycle in range(3):
+                got = [epoch_view(7, cycle * views + e, image, views) for e in range(views)]
+                assert sorted(got) == list(range(views))
+    orders = {tuple(epoch_view(7, e, image, 10) for e in range(10)) for image in range(200)}
+    assert len(orders) > 190  # orders differ between images...
+    assert [epoch_view(8, e, 3, 10) for e in range(10)] != [epoch_view(7, e, 3, 10) for e in range(10)]  # ...seeds
+    assert [epoch_view(7, e, 3, 10) for e in range(10)] != [epoch_view(7, e, 3, 10) for e in range(10, 20)]
 
 
 def test_reads_dataprep_chunked_layout(tmp_path):

@@ -19,7 +19,7 @@ from stage2_ar.config import PRESETS as MODEL_PRESETS
 from stage2_ar.lr_schedule import WarmupHoldDecay, build_scheduler, load_scheduler_state
 from stage2_ar.model import FactorizedAR
 from synthetic_tokens import write_tokens
-from stage2_ar.train import accumulation_steps, param_groups
+from stage2_ar.train import accumulation_steps, param_groups, steps_in_epoch
 from stage2_ar.train_config import PRESETS, TrainConfig
 from free_port import free_port
 
@@ -103,7 +103,39 @@ def test_presets_resolve():
         assert c.data.global_batch == 768 and 768 % (c.data.micro_batch * 8 * nodes) == 0
 
 
+IMAGENET_TRAIN = 1_281_167
+
+
+def test_recipe_steps_equal_the_official_count():
+    """The official trainer runs ceil(ceil(N / ranks) / per-device batch) steps an epoch (Lightning's
+    DistributedSampler pads to equal shares; the DataLoader keeps the short last batch) on 4, 8, 12 nodes
+    of 8 devices; the schedule here counts ceil(N / global batch): the same 1669 on ImageNet."""
+    totals = {}
+    for name, nodes in (("ar-B", 4), ("ar-L", 8), ("ar-XL", 12)):
+        c = PRESETS[name]
+        official = -(-(-(-IMAGENET_TRAIN // (8 * nodes))) // c.data.micro_batch)
+        assert steps_in_epoch(IMAGENET_TRAIN, c.data.global_batch) == official == 1669
+        totals[name] = (round(c.schedule.epochs * 1669), round(c.schedule.warmup_epochs * 1669))
+    assert totals == {"ar-B": (500_700, 10_014), "ar-L": (500_700, 10_014), "ar-XL": (584_150, 11_683)}  # docs
+
+
 # ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_an_epoch_is_one_pass_over_the_images_whatever_the_views(tmp_path):
+    """40 images with 2 stored views, global batch 16: 2 epochs are 2 x ceil(40 / 16) = 6 steps (counting
+    (image, view) rows would make them 10)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 10
+    write_tokens(tmp_path / "ds", {"train": (rng.integers(0, 1 << 18, (40, 2, 16)), labels)}, grid=(4, 4),
+                 num_classes=10, views=("center", "flip"))
+    out = tmp_path / "run"
+    _train_here([f"data.path={tmp_path / 'ds'}", f"out_dir={out}", "data.clean_stale_shm=false",
+                 "schedule.max_steps=0", "schedule.epochs=2", "schedule.warmup_epochs=1", "ckpt_every=100"])
+    assert [p.name for p in step_dirs(out)] == ["step-00000006"]
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "epoch" in r]
+    assert rows[-1]["step"] == 6 and rows[-1]["epoch"] == pytest.approx(6 * 16 / 40)
 
 
 @pytest.fixture(scope="module")

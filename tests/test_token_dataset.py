@@ -55,28 +55,48 @@ def test_manifest_alone_decodes_lance_and_mds_rows(synthetic, tmp_path):
     assert table.num_rows == m["counts"]["train"]["rows"] == 2 * N
     mds = StreamingDataset(remote=str(root / m["stores"]["mds"]["path"].replace("<split>", "train")),
                            local=str(tmp_path / "cache"), shuffle=False, batch_size=1)
-    assert mds.num_samples == 2 * N
+    assert mds.num_samples == N  # one sample per image, its views' rows concatenated in views order
+    size = m["packing"]["bytes_per_image"]
     for k in range(mds.num_samples):
         s = mds[k]
         i = int(s["id"].split("-")[1])
-        assert _decode_from_manifest_only(s["tokens"], m["packing"]) == tokens[i, s["view"]].tolist()
+        assert s["id"] == f"train-{i:08d}" and s["label"] == labels[i] and len(s["tokens"]) == 2 * size
+        for v in range(2):
+            assert _decode_from_manifest_only(s["tokens"][v * size:(v + 1) * size], m["packing"]) == \
+                tokens[i, v].tolist()
 
 
 def test_stage2_reads_the_synthetic_dataset_through_the_packing(synthetic, tmp_path):
+    """An epoch is one pass over the images, each with one of its views; two epochs of a two-view dataset
+    take every (image, view) once. Evaluation (no view seed) reads view 0."""
     from shared.tokens import join_index
     from stage2_ar.data import TokenLayout, build_loader, read_manifest
 
     root, tokens, labels = synthetic
     lay = TokenLayout.from_manifest(read_manifest(str(root)))
-    assert (lay.tokens_per_image, lay.bits_per_token, lay.subtoken_bits) == (15, 11, SUBS)
-    seen = []
-    for subs, labs in build_loader(str(root), split="train", batch_size=4, layout=lay, cache_dir=str(tmp_path),
-                                   shuffle=False):
-        for row, lab in zip(join_index(subs, SUBS).numpy(), labs.tolist()):
-            hits = [(i, v) for i in range(N) for v in range(2) if np.array_equal(tokens[i, v], row)]
-            assert len(hits) == 1 and labels[hits[0][0]] == lab
-            seen += hits
-    assert sorted(seen) == [(i, v) for i in range(N) for v in range(2)]
+    assert (lay.tokens_per_image, lay.bits_per_token, lay.subtoken_bits, lay.views) == (15, 11, SUBS, 2)
+
+    def epochs(n, **kw):
+        loader = build_loader(str(root), split="train", batch_size=1, layout=lay, shuffle=False,
+                              cache_dir=str(tmp_path / f"c{len(kw)}"), **kw)
+        out = []
+        for _ in range(n):
+            seen = []
+            for subs, labs in loader:
+                row = join_index(subs, SUBS).numpy()[0]
+                hits = [(i, v) for i in range(N) for v in range(2) if np.array_equal(tokens[i, v], row)]
+                assert len(hits) == 1 and labels[hits[0][0]] == int(labs[0])
+                seen += hits
+            out.append(seen)
+        return out
+
+    first, second = epochs(2, view_seed=5)
+    for seen in (first, second):
+        assert sorted(i for i, _ in seen) == list(range(N))
+    assert sorted(first + second) == [(i, v) for i in range(N) for v in range(2)]
+    assert {v for _, v in first} == {0, 1}  # the views of one epoch are mixed, not all the same one
+    (plain,) = epochs(1)
+    assert plain == [(i, 0) for i in range(N)]
 
 
 def _dataprep_dataset(root: Path):
@@ -93,7 +113,7 @@ def _dataprep_dataset(root: Path):
              "tokens": packing.encode(rng.integers(0, 1 << 11, 15)), "error": ""} for i in range(2)]
     rows.append({"index": 2, "id": td.row_id("train", 2, -1), "path": "train/2.jpg", "label": 0, "view": -1,
                  "tokens": b"", "error": "corrupt: test"})
-    encode.commit_chunk(root, st, "train", 0, rows, 3, td.lance_schema(packing, settings))
+    encode.commit_chunk(root, st, "train", 0, rows, 3, td.lance_schema(packing, settings), 1)
     return encode.finalize(root, st, "train"), settings
 
 
@@ -139,7 +159,8 @@ def test_bad_manifests_are_refused_in_one_line(synthetic, tmp_path):
     train = good["counts"]["train"]
     cases = [
         ({"version": 1}, "version 1 .*encode it again"),
-        ({"version": 3}, "expected format 'open-magvit2-tokens' version 2, got .* version 3 .*newer"),
+        ({"version": 2}, "version 2 .*encode it again"),  # one MDS sample per (image, view)
+        ({"version": 4}, "expected format 'open-magvit2-tokens' version 3, got .* version 4 .*newer"),
         ({"extra": 1}, "unknown extra"),
         ({"packing": {**good["packing"], "bytes_per_image": 20}}, "bytes_per_image is 20"),
         ({"packing": {**good["packing"], "codec": "varint"}}, "packing codec"),

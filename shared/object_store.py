@@ -1,0 +1,214 @@
+"""Object storage (Amazon S3 and S3-compatible stores) for token datasets: the one module that talks to it.
+
+Credentials come the standard AWS way, resolved by boto3 and never stored by this project: the environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``), a profile (``AWS_PROFILE`` and
+the shared credentials file), or an instance / pod role. The endpoint of an S3-compatible store (MinIO,
+Ceph, a cloud's S3 API) is ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` or an explicit option of each
+entry point (``--s3-endpoint-url``, ``data.s3_endpoint_url``), which ``configure`` puts in this process's
+environment, so that DataLoader workers and MosaicML Streaming (which reads ``S3_ENDPOINT_URL``) use it too.
+
+Three clients read the same objects: boto3 (manifests, publishing), Streaming (MDS shards; boto3 inside)
+and Lance (its own Rust object store, given ``lance_options()``: the credentials boto3 resolved, so a
+profile works for it as well). Failures become ``StoreError`` with one line naming the URI and the cause
+(no such bucket, access denied, no credentials, endpoint unreachable).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")  # boto3's, then Streaming's
+STREAMING_ENDPOINT_VAR = "S3_ENDPOINT_URL"
+
+
+class StoreError(OSError):
+    """An object-store operation failed; the message is one line."""
+
+
+def is_s3(uri: Any) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_uri(uri: str) -> Tuple[str, str]:
+    """``s3://bucket/key/part`` -> ("bucket", "key/part"); refuses credentials written into the URI."""
+    if not is_s3(uri):
+        raise StoreError(f"{uri}: not an s3:// URI")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket or "@" in bucket or ":" in bucket:
+        raise StoreError(f"{redact(uri)}: expected s3://BUCKET/PREFIX (credentials go in the environment or a "
+                         "profile, never in the URI)")
+    return bucket, key
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def redact(uri: str) -> str:
+    """The URI with anything that looks like user:password@ removed (for messages)."""
+    scheme, sep, rest = str(uri).partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else str(uri)
+
+
+def configure(endpoint_url: Optional[str] = None) -> Optional[str]:
+    """Set the endpoint for every client of this process and its children; returns the one in effect.
+
+    ``endpoint_url`` (an entry point's option) wins over the environment; the environment's is also
+    handed to Streaming, which reads only ``S3_ENDPOINT_URL``.
+    """
+    if endpoint_url:
+        if not endpoint_url.startswith(("http://", "https://")):
+            raise StoreError(f"S3 endpoint URL {endpoint_url!r} must start with http:// or https://")
+        for var in ENDPOINT_VARS:
+            os.environ[var] = endpoint_url
+        return endpoint_url
+    current = endpoint()
+    if current:
+        os.environ[STREAMING_ENDPOINT_VAR] = current
+    return current
+
+
+def endpoint() -> Optional[str]:
+    return next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
+
+
+def client():
+    """A boto3 S3 client from a fresh session (it re-reads the environment and profile each time)."""
+    import boto3
+
+    return boto3.session.Session().client("s3", endpoint_url=endpoint())
+
+
+def lance_options() -> Dict[str, str]:
+    """``storage_options`` for Lance: the credentials and region boto3 resolves, and the endpoint."""
+    import boto3
+
+    session = boto3.session.Session()
+    opts: Dict[str, str] = {}
+    creds = session.get_credentials()
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        opts.update(aws_access_key_id=frozen.access_key, aws_secret_access_key=frozen.secret_key)
+        if frozen.token:
+            opts["aws_session_token"] = frozen.token
+    if session.region_name:
+        opts["aws_region"] = session.region_name
+    url = endpoint()
+    if url:
+        opts["aws_endpoint"] = url
+        if url.startswith("http://"):
+            opts["allow_http"] = "true"
+    return opts
+
+
+def describe(e: BaseException, uri: str) -> str:
+    """One line for a failed operation on ``uri``."""
+    where = redact(uri)
+    try:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return f"{where}: {type(e).__name__}: {e}"
+    if isinstance(e, NoCredentialsError):
+        return (f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                "AWS_PROFILE)")
+    if isinstance(e, EndpointConnectionError):
+        return f"{where}: cannot reach the S3 endpoint {endpoint() or 'of AWS'} ({e})"
+    if isinstance(e, ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code == "NoSuchBucket":
+            return f"{where}: bucket {split_uri(uri)[0]!r} does not exist"
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "ExpiredToken",
+                    "AccessDenied", "403", "Forbidden"):
+            return (f"{where}: access denied ({code}): check the AWS credentials (AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY / AWS_PROFILE) and their permissions")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return f"{where}: no such object"
+        return f"{where}: {code or type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{where}: {type(e).__name__}: {text}"
+
+
+def _is_missing(e: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(e, ClientError) and str(e.response.get("Error", {}).get("Code", "")) in (
+        "NoSuchKey", "404", "NotFound")
+
+
+def get_bytes(uri: str) -> Optional[bytes]:
+    """The object's bytes, or None when the bucket exists and the object does not."""
+    bucket, key = split_uri(uri)
+    try:
+        return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as e:
+        if _is_missing(e):
+            return None
+        raise StoreError(describe(e, uri)) from None
+
+
+def head(uri: str) -> Optional[Dict[str, Any]]:
+    """The object's metadata (``ContentLength``, ``Metadata``...), or None when it does not exist."""
+    bucket, key = split_uri(uri)
+    try:
+        return client().head_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        if _is_missing(e):
+            check_bucket(uri)  # a missing bucket answers HEAD with a bare 404 too
+            return None
+        raise StoreError(describe(e, uri)) from None
+
+
+def check_bucket(uri: str) -> None:
+    bucket, _ = split_uri(uri)
+    try:
+        client().list_objects_v2(Bucket=bucket, MaxKeys=1)
+    except Exception as e:
+        raise StoreError(describe(e, uri)) from None
+
+
+def put_bytes(uri: str, data: bytes, metadata: Optional[Dict[str, str]] = None) -> None:
+    bucket, key = split_uri(uri)
+    try:
+        client().put_object(Bucket=bucket, Key=key, Body=data, Metadata=metadata or {})
+    except Exception as e:
+        raise StoreError(describe(e, uri)) from None
+
+
+def upload_file(path: str, uri: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Upload a local file (multipart when large); ``metadata`` is stored as x-amz-meta-*."""
+    bucket, key = split_uri(uri)
+    try:
+        client().upload_file(path, bucket, key, ExtraArgs={"Metadata": metadata or {}})
+    except Exception as e:
+        raise StoreError(describe(e, uri)) from None
+
+
+def download_file(uri: str, path: str) -> None:
+    bucket, key = split_uri(uri)
+    try:
+        client().download_file(bucket, key, path)
+    except Exception as e:
+        raise StoreError(describe(e, uri)) from None
+
+
+def list_objects(prefix_uri: str) -> Iterator[Tuple[str, int]]:
+    """(key relative to the prefix, size) of every object under ``prefix_uri`` (a directory-like prefix)."""
+    bucket, key = split_uri(prefix_uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    try:
+        pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(prefix):], int(obj["Size"])
+    except Exception as e:
+        raise StoreError(describe(e, prefix_uri)) from None
+
+
+def delete(uris) -> None:
+    c = client()
+    for uri in uris:
+        bucket, key = split_uri(uri)
+        try:
+            c.delete_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            raise StoreError(describe(e, uri)) from None
