@@ -72,11 +72,22 @@ def endpoint() -> Optional[str]:
     return next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
 
 
+# What a client depends on: a change of any of these (a test, a user switching profiles) makes a new one.
+_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_DEFAULT_REGION", "AWS_REGION", *ENDPOINT_VARS)
+_clients: Dict[Tuple, Any] = {}
+
+
 def client():
-    """A boto3 S3 client from a fresh session (it re-reads the environment and profile each time)."""
+    """A boto3 S3 client for the current environment and profile (thread-safe; one per process and
+    environment: making a session costs tens of milliseconds, too much per object)."""
     import boto3
 
-    return boto3.session.Session().client("s3", endpoint_url=endpoint())
+    key = (os.getpid(), *(os.environ.get(v) for v in _CLIENT_ENV))
+    if key not in _clients:
+        _clients.clear()
+        _clients[key] = boto3.session.Session().client("s3", endpoint_url=endpoint())
+    return _clients[key]
 
 
 def lance_options() -> Dict[str, str]:
