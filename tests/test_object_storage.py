@@ -160,6 +160,25 @@ def test_publish_refuses_what_it_must_not_write(aws, local, tmp_path):
     assert _cli(aws, "-m", "dataprep.publish", local, tmp_path / "x").returncode == 2
 
 
+def test_publish_refuses_an_unfinished_or_locked_dataset(aws, tmp_path):
+    from dataprep import state
+
+    root = tmp_path / "ds"
+    write_tokens(root, {"train": (np.zeros((4, 16), np.int64), [0, 1, 2, 3]),
+                        "val": (np.zeros((2, 16), np.int64), [0, 1])}, grid=GRID, num_classes=CLASSES)
+    with state.Lock(root):  # a job writing it
+        _one_line_error(_cli(aws, "-m", "dataprep.publish", root, f"s3://{BUCKET}/locked"),
+                        r"is being written by another job \(pid \d+ on host")
+    m = json.loads((root / "manifest.json").read_text())
+    m["counts"]["val"]["complete"] = False
+    m["commits"]["splits"]["val"]["mds_index_sha256"] = None
+    (root / "manifest.json").write_text(json.dumps(m))
+    _one_line_error(_cli(aws, "-m", "dataprep.publish", root, f"s3://{BUCKET}/unfinished"),
+                    "split 'val' is not complete")
+    assert not list(object_store.list_objects(f"s3://{BUCKET}/unfinished"))
+    assert not list(object_store.list_objects(f"s3://{BUCKET}/locked"))
+
+
 def test_readers_refuse_bad_targets_in_one_line(aws, local, monkeypatch):
     object_store.put_bytes(f"s3://{BUCKET}/nomanifest/mds/train/index.json", b"{}")
     cases = [(f"s3://{BUCKET}/nomanifest", "is not a token dataset: manifest.json is missing"),
@@ -230,6 +249,14 @@ def test_encode_job_writes_to_s3_and_resumes(aws, tmp_path):
     ds = TokenDataset(uri)
     assert ds.splits == ["train"] and ds.manifest.counts["train"].encoded_images == 10
     assert ds.manifest == TokenDataset(tmp_path / "staging").manifest
+    # the next split killed before its end: the published dataset is untouched, and publishing the staging
+    # directory by hand publishes only what its manifest committed (the same dataset: nothing to do)
+    p = encode("val", "--_crash-at", "1:state")
+    assert p.returncode == 17, p.stderr[-3000:]
+    assert TokenDataset(uri).splits == ["train"]
+    p = _cli(aws, "-m", "dataprep.publish", tmp_path / "staging", uri, "--s3-endpoint-url", aws.url, env=env)
+    assert p.returncode == 0 and "already holds this dataset" in p.stdout, p.stdout + p.stderr[-3000:]
+    assert TokenDataset(uri).splits == ["train"]
     p = encode("val")
     assert p.returncode == 0, p.stderr[-3000:]
     ds = TokenDataset(uri)
