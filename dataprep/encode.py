@@ -350,7 +350,7 @@ def run(args) -> int:
         root = staging_dir(args)
         try:
             store.configure(args.s3_endpoint_url)
-            prior = st.State.load(root) if (root / st.STATE).is_file() else None
+            prior = st.State.load(root)  # None until a first run made the staging directory
             publish.check_target(target, prior.data.get("created") if prior else None)
         except (publish.PublishError, store.StoreError, st.ProvenanceError) as e:
             raise SystemExit(f"error: --out {e}") from None

@@ -81,10 +81,6 @@ def dataset_files(root: Path, manifest: td.Manifest) -> List[str]:
     return sorted(files, key=lambda f: ("/_versions/" in f, f))
 
 
-def _sha256(path: Path) -> str:
-    return td.sha256_file(path)
-
-
 def _created_of(manifest_bytes: bytes) -> Optional[str]:
     try:
         return json.loads(manifest_bytes.decode("utf-8")).get("created")
@@ -157,7 +153,7 @@ def publish(root: Path, uri: str, *, overwrite: bool = False, crash_after: Optio
     def put(rel: str) -> bool:
         """Upload one file unless the same bytes are there already; True when uploaded."""
         path = root / rel
-        digest = _sha256(path)
+        digest = td.sha256_file(path)
         target = store.join(uri, rel)
         if rel in existing and existing[rel] == path.stat().st_size:
             meta = store.head(target)
