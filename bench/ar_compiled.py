@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.device import autocast, device_type  # noqa: E402
 from stage2_ar.config import ARConfig  # noqa: E402
+from stage2_ar.generate import Sampler  # noqa: E402
 from stage2_ar.model import FactorizedAR  # noqa: E402
-from stage2_ar.sample import generate  # noqa: E402
 from bench.gpu_check import ar_train_step, timed  # noqa: E402
 
 
@@ -68,10 +68,11 @@ def main() -> None:
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(a.batch)]
     mode = "reduce-overhead" if device.type == "cuda" else "default"
 
+    samplers = {False: Sampler(model), True: Sampler(model, static=True, compile=mode)}  # kept: graphs reused
+
     def sample(static):
         with autocast(device, precision):
-            return generate(model, lab, cfg_scales=2.0, generator=gens(), static=static,
-                            compile=mode if static else None)
+            return samplers[static].generate(lab, cfg_scales=2.0, generator=gens())
 
     e_first, ref = clock(lambda: sample(False), device, 1)
     e_sec, _ = clock(lambda: sample(False), device, 2)

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stage2_ar.config import ARConfig  # noqa: E402
+from stage2_ar.generate import generate  # noqa: E402
 from stage2_ar.model import FactorizedAR  # noqa: E402
-from stage2_ar.sample import generate  # noqa: E402
 
 
 def run(model, labels, use_cache: bool, seed: int, cfg_scale: float):

@@ -63,21 +63,22 @@ def loop_baseline(tok, listing, data, resolution, views, batch, chunk):
 def worst_case_bytes(tmp: Path, rows: int, grid=(16, 16)):
     """Bytes/token of both stores for uniformly random 18-bit tokens (nothing to compress)."""
     from dataprep import encode, state
-    from dataprep.reader import TokenDataset
     from shared import token_dataset as td
+    from shared.token_dataset import TokenDataset
+    from shared.token_dataset.manifest import producer_settings
+    from shared.token_dataset.writer import lance_schema
     from shared.tokens import pack_tokens
 
     rng = np.random.default_rng(0)
     root = tmp / "uniform"
     root.mkdir()
-    settings = {"format": td.FORMAT, "version": td.VERSION, "grid": list(grid), "bits_per_token": 18,
-                "bit_order": "little-endian-channel", "subtoken_bits": [6, 12], "classes": [str(i) for i in range(1000)],
-                "resolution": 256, "views": ["center", "flip"], "precision": "fp32",
-                "tokenizer": {"preset": "uniform-random", "config": {}, "checkpoint_sha256": "0" * 64}}
+    settings = producer_settings(tokenizer={"preset": "uniform-random", "config": {}, "checkpoint_sha256": "0" * 64},
+                                 resolution=256, views=["center", "flip"], grid=grid, bits_per_token=18,
+                                 subtoken_bits=[6, 12], classes=[str(i) for i in range(1000)], precision="fp32")
     st = state.State.new(root, settings)
     st.start_split("train", {"num_images": rows // 2})
     n = grid[0] * grid[1]
-    schema = td.lance_schema(td.Packing(18, n), settings)
+    schema = lance_schema(td.Packing(18, n), settings)
     synsets = sorted({f"n{rng.integers(10**7, 10**8):08d}" for _ in range(1000)})[:100]
     per_class = -(-rows // 2 // len(synsets))
     recs = []
@@ -108,8 +109,8 @@ def main() -> int:
     args = p.parse_args()
 
     from dataprep import encode, images, listing as ls
-    from dataprep.reader import TokenDataset
     from dataprep.sample_images import image_folder
+    from shared.token_dataset import TokenDataset
     from stage1_tokenizer.config import PRESETS
     from stage1_tokenizer.tokenizer import Tokenizer
 

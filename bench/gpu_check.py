@@ -40,9 +40,9 @@ from shared.device import autocast, synchronize  # noqa: E402
 from stage1_tokenizer.config import PRESETS as TOK_PRESETS  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
 from stage2_ar.config import PRESETS as AR_PRESETS  # noqa: E402
+from stage2_ar.generate import Sampler  # noqa: E402
 from stage2_ar.model import FactorizedAR  # noqa: E402
-from stage2_ar.sample import generate  # noqa: E402
-from stage2_ar.train import compile_blocks  # noqa: E402
+from stage2_ar.parallelize import compile_blocks  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "L4": 121.0}
 
@@ -135,10 +135,11 @@ def row_sample(device, preset: str, batch: int, precision: str, mode: str):
     labels = torch.arange(batch, device=device) % model.cfg.num_classes
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]
 
+    samplers = {False: Sampler(model), True: Sampler(model, static=True, compile=mode)}  # kept: graphs reused
+
     def run(static):
         with autocast(device, precision):
-            return generate(model, labels, cfg_scales=(1.9, 2.0), generator=gens(), top_k=1,
-                            static=static, compile=mode if static else None)
+            return samplers[static].generate(labels, cfg_scales=(1.9, 2.0), generator=gens(), top_k=1)
 
     sec_e, tok_e = timed(lambda: run(False), device, warmup=1, iters=1)
     sec_g, tok_g = timed(lambda: run(True), device, warmup=2, iters=2)  # warm-up compiles and captures

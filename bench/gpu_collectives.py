@@ -5,7 +5,7 @@
 
 For each trainer (``stage1_tokenizer.train --config tokenizer-tiny``, ``stage2_ar.train --config ar-tiny``)
 a one-rank torchrun (``--nproc_per_node 1``) runs a few steps with ``device=cuda`` through
-``tests/collective_trace.py --force-group nccl``: the process group is NCCL and every collective reaches it
+``tests/support/collective_trace.py --force-group nccl``: the process group is NCCL and every collective reaches it
 (a one-rank group's are the identity on the values, and ``shared.collectives`` would skip them otherwise),
 so a CPU tensor handed to NCCL fails the run. The trace must then show the expected collectives with every
 tensor on the group's CUDA device. Data: random 20 px images and a random token dataset, made here.
@@ -49,7 +49,7 @@ def make_images(root: Path, n: int = 16) -> Path:
 
 
 def make_tokens(root: Path) -> Path:
-    from shared.token_dataset import write_dataset
+    from shared.token_dataset.writer import write_dataset
 
     rng = np.random.default_rng(0)
     labels = np.arange(64) % 10

@@ -1,7 +1,10 @@
 """Encode an image dataset into token datasets (Lance + MDS) with a Ray job; resumable, exactly once.
 
-    python dataprep/encode.py --data ROOT --split train --tokenizer CKPT --out DATASET --resolution 256
+    python dataprep/encode.py --data ROOT --split train --tokenizer REF --out DATASET --resolution 256
     python -m dataprep.encode  ... (same arguments)
+
+--tokenizer REF: a checkpoint directory, a Stage-1 run, an official .ckpt or hf://ORG/REPO[/FILE][@REV]
+(``shared.model_ref``; an official file is converted once, before the job, and the job loads the result).
     ray job submit --working-dir . -- "$PWD/.venv/bin/python" dataprep/encode.py ... (a running cluster)
 
 Everything a user gives is checked before anything is written and before Ray starts: the arguments, the
@@ -11,7 +14,11 @@ then recording it, with its checksums, in state.json (atomically, last). Running
 after a crash drops whatever was not recorded and finishes the rest; on a finished split it only redoes
 the end-of-split clean-up (idempotent). Other settings or another tokenizer on an existing dataset are
 refused. One job writes a dataset at a time (a lock on DATASET/.lock). The dataset format itself
-(manifest, columns, packing, checksums) is ``shared.token_dataset``'s.
+(manifest, columns, packing, checksums) is the ``shared.token_dataset`` package's.
+
+``--data`` is a folder (local or ``s3://``), Parquet files or WebDataset tars (``dataprep.sources``: the
+driver lists them, per shard, and Ray tasks stream the images out of them); a split records its source,
+and a rerun over a source that changed is refused.
 
 ``--out s3://bucket/prefix`` runs exactly the same job into a local ``--staging`` directory and then
 publishes it (``dataprep.publish``: every object first, the manifest last), after checking the bucket,
@@ -31,18 +38,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 try:
     from dataprep import cli
     from dataprep import listing as ls
     from dataprep import publish
+    from dataprep import sources
     from dataprep import state as st
     from dataprep import stores
     from dataprep.images import expand_views
     from shared import atomic
     from shared import object_store as store
     from shared import token_dataset as td
+    from shared.progress import clock
+    from shared.token_dataset import checksums, provenance, writer
+    from shared.token_dataset.manifest import now_iso, producer_settings, write_manifest
 except ImportError as _e:
     if __name__ != "__main__":
         raise
@@ -108,10 +119,21 @@ def _code_version(text: str) -> str:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = cli.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="image root: ROOT/<split>/<class>/<image>, or the base of --file-list paths")
+    p.add_argument("--data", help="image root: ROOT/<split>/<class>/<image> (a folder or s3://BUCKET/PREFIX), "
+                                  "Parquet or WebDataset shards (PATH_OR_S3/train-*.parquet, "
+                                  "PATH_OR_S3/imagenet1k-train-{0000..1023}.tar), or the base of --file-list paths")
     p.add_argument("--file-list", help="TSV of path<TAB>label (paths relative to --data, or absolute), UTF-8")
+    sources.add_arguments(p)
     p.add_argument("--split", default="train", type=_split_name, help="letters, digits, '_', '.', '-'")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
+    p.add_argument("--tokenizer", required=True, metavar="REF",
+                   help="tokenizer checkpoint directory (its weight set is recorded), a Stage-1 run directory "
+                        "(its final-raw/ or final/ export, by --tokenizer-weights), or an official .ckpt / "
+                        "hf://ORG/REPO[/FILE][@REV] (its --tokenizer-weights set, default raw, converted once and "
+                        "cached); where it came from is recorded in the manifest (tokenizer.source)")
+    p.add_argument("--tokenizer-weights", choices=provenance.TOKENIZER_WEIGHT_SETS,
+                   help="the weight set to encode with: from a Stage-1 run directory, raw (final-raw/, the default: "
+                        "what the official AR recipe encodes with) or ema (final/); for a checkpoint directory, the "
+                        "set it must hold (default: the one it holds)")
     p.add_argument("--out", required=True,
                    help="dataset directory, or s3://bucket/prefix: encoded into --staging, then published there "
                         "(dataprep.publish: manifest last)")
@@ -144,10 +166,61 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_tokenizer(ckpt: Path) -> Dict[str, Any]:
+def _resolve_tokenizer(ref, weights: Optional[str] = None):
+    """``stage1_tokenizer.convert_official.resolve_tokenizer``: a model reference -> a tokenizer checkpoint
+    directory and its record (``shared.model_ref``). One-line exit."""
+    from shared import model_ref
+    from shared.checkpoint import CheckpointError
+    from stage1_tokenizer.convert_official import resolve_tokenizer
+
+    try:
+        return resolve_tokenizer(ref, weights=weights)
+    except (CheckpointError, OSError, ValueError) as e:  # ModelRefError is a CheckpointError
+        what = "" if model_ref.is_hub_ref(str(ref)) else " is not a checkpoint directory, nor an official file:"
+        raise SystemExit(f"error: --tokenizer {ref}{what} {cli.first_line(e)}") from None
+
+
+def pick_tokenizer(args) -> Tuple[Path, Dict[str, Any]]:
+    """--tokenizer and --tokenizer-weights -> the checkpoint directory to encode with (``stage1_tokenizer.exports``:
+    a Stage-1 run directory gives its raw set unless told otherwise) and where it came from (the record of
+    ``shared.model_ref``, with ``ref`` as typed); a warning when the tokens will not be those of the official
+    AR recipe (the EMA set), or when the checkpoint does not say which set it holds.
+
+    --tokenizer is a model reference: a directory (a checkpoint, a Stage-1 run, a converter's OUT), an
+    official ``.ckpt`` file or ``hf://ORG/REPO[/FILE][@REV]``; an official file's --tokenizer-weights set
+    (default raw, what the official AR recipe encodes with) is converted once and cached, and that directory
+    is what the job (its actors too) loads."""
+    from shared.model_ref import is_hub_ref
+    from stage1_tokenizer.exports import EXPORT_DIRS, FOR_TOKENS, select
+
+    ref, resolved = args.tokenizer, None
+    if is_hub_ref(ref) or Path(ref).expanduser().is_file():
+        resolved = _resolve_tokenizer(ref, args.tokenizer_weights or FOR_TOKENS)
+        ref = resolved.path
+    try:
+        ckpt, weights = select(ref, args.tokenizer_weights)
+    except ValueError as e:
+        raise SystemExit(f"error: --tokenizer {e}") from None
+    if ckpt != Path(args.tokenizer):
+        log.info(f"encoding with {ckpt} (the {weights} weights)")
+    if weights is None and ckpt.is_dir():
+        log.warning(f"{ckpt} does not record which weight set it holds (raw or EMA): the manifest will not say; "
+                    "pass --tokenizer-weights to record it")
+    elif weights not in (None, FOR_TOKENS):
+        log.warning(f"encoding with the {weights} weights: the official AR recipe encodes with the {FOR_TOKENS} "
+                    f"ones (a Stage-1 run's {EXPORT_DIRS[FOR_TOKENS]}/, convert_official --weights "
+                    f"{FOR_TOKENS}), and an AR model trained on these tokens decodes with this set only")
+    if resolved is None and ckpt.is_dir():  # a directory: its record (sha256 of its weights); else load says why
+        resolved = _resolve_tokenizer(ckpt)
+    return ckpt, ({**resolved.record(), "ref": str(args.tokenizer)} if resolved is not None else None)
+
+
+def load_tokenizer(ckpt: Path, weights: Optional[str] = None,
+                   source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Load the tokenizer once here, in the driver, before anything is written or Ray starts, so that a
     checkpoint that cannot be used (weights missing or truncated, another kind, a config this code cannot
-    build) is one line now rather than a failure in every actor. Returns its provenance."""
+    build) is one line now rather than a failure in every actor. Returns its provenance, with its weight
+    set (the one it records, else ``weights``) and ``source`` (where it came from, ``pick_tokenizer``)."""
     from shared.checkpoint import CheckpointError, load_meta
     from shared.config import ConfigError
     from stage1_tokenizer.tokenizer import Tokenizer
@@ -159,11 +232,10 @@ def load_tokenizer(ckpt: Path) -> Dict[str, Any]:
         if meta.get("kind") != "tokenizer":
             raise SystemExit(f"error: --tokenizer {ckpt} holds a {meta.get('kind')!r} checkpoint, not a tokenizer")
         Tokenizer.from_checkpoint(ckpt)
-        sha = td.checkpoint_sha256(ckpt)
+        identity = provenance.tokenizer_identity(ckpt, meta["config"], weights, source)
     except (CheckpointError, ConfigError, OSError, ValueError, TypeError) as e:
         raise SystemExit(f"error: --tokenizer {ckpt}: {cli.first_line(e)}") from None
-    cfg = meta["config"]
-    return {"preset": cfg.get("preset", "custom"), "config": cfg, "checkpoint_sha256": sha}
+    return identity
 
 
 def settings_for(args, tok: Dict[str, Any], classes: List[str], views: List[str]) -> Dict[str, Any]:
@@ -181,15 +253,15 @@ def settings_for(args, tok: Dict[str, Any], classes: List[str], views: List[str]
     # Stage 2 factorises 18-bit tokens as (6, 12); other widths are recorded as one sub-token, so the
     # manifest stays consistent (its sub-token bits must add up to the token bits).
     subtoken_bits = list(DEFAULT_SPLIT) if sum(DEFAULT_SPLIT) == bits else [bits]
-    return {
-        "format": td.FORMAT, "version": td.VERSION, "tokenizer": tok, "resolution": args.resolution,
-        "views": views, "grid": grid, "bits_per_token": bits, "bit_order": td.BIT_ORDER,
-        "subtoken_bits": subtoken_bits, "classes": classes, "precision": args.precision,
-    }
+    return producer_settings(tokenizer=tok, resolution=args.resolution, views=views, grid=grid, bits_per_token=bits,
+                             subtoken_bits=subtoken_bits, classes=classes, precision=args.precision)
 
 
 def read_listing(args):
-    """(data root or None, Listing) of the split, or a one-line refusal."""
+    """(data root or None, Listing) of the split, or a one-line refusal. S3 folders and shards:
+    ``dataprep.sources`` (a shard listing holds per-shard counts, reused from an earlier run of the split)."""
+    if sources.detect(args):
+        return sources.read_listing(args, log.info, sources.recorded(_dataset_dir(args), args.split))
     # Relative paths of a file list are taken from --data, else from the list's own folder; either way
     # absolute here, because Ray workers do not share the driver's working directory.
     base = args.data or (Path(args.file_list).parent if args.file_list else None)
@@ -208,6 +280,11 @@ def read_listing(args):
     if not listing.items:
         raise SystemExit(f"error: split {args.split!r} lists no images")
     return data, listing
+
+
+def _dataset_dir(args) -> Path:
+    """Where the dataset is written: --out, or the staging directory of an s3:// --out."""
+    return staging_dir(args) if store.is_s3(args.out) else Path(args.out)
 
 
 def recover(root: Path, state: st.State, split: str) -> None:
@@ -234,17 +311,17 @@ def commit_chunk(root: Path, state: st.State, split: str, chunk: int, rows: List
     for r in good:
         if r["view"] == 0:
             per_class[str(r["label"])] = per_class.get(str(r["label"]), 0) + 1
-    mds = td.write_mds_chunk(root, split, chunk, good, num_views)
+    mds = writer.write_mds_chunk(root, split, chunk, good, num_views)
     if crash_after == "mds":
         _crash("mds")
     table_rows = [{**r, "split": split} for r in good]
-    version = td.append_lance(root, td.lance_table(table_rows, schema)) if good else state.lance_version
+    version = writer.append_lance(root, writer.lance_table(table_rows, schema)) if good else state.lance_version
     if crash_after == "lance":
         _crash("lance")
     first = min(r["index"] for r in rows)  # every image of a chunk gives a row: encoded or failed
     info = {"images": n_images, "encoded": n_images - len(failures), "rows": len(good), "failures": failures,
             "per_class": per_class, "committed_at": round(time.time(), 3),
-            "commit": td.chunk_record(chunk, first, n_images, table_rows, mds)}
+            "commit": checksums.chunk_record(chunk, first, n_images, table_rows, mds)}
     state.commit_chunk(split, chunk, info, version)
     if crash_after == "state":
         _crash("state")
@@ -260,7 +337,7 @@ def finalize(root: Path, state: st.State, split: str, crash_after: Optional[str]
     """Merge the MDS index, write the failures table, compact Lance and record the split complete; then
     the manifest, then drop old Lance versions (``tidy`` redoes the last two after a kill)."""
     committed = sorted(state.committed(split))
-    state.split(split)["mds_index_sha256"] = td.merge_mds(root, split, committed)
+    state.split(split)["mds_index_sha256"] = writer.merge_mds(root, split, committed)
     fails = [(split, p, reason) for c in committed for p, reason in state.committed(split)[c]["failures"]]
     atomic.write_text(root / f"failures-{split}.tsv", "split\tpath\treason\n" + "".join(
         f"{s}\t{_tsv_field(p)}\t{_tsv_field(r)}\n" for s, p, r in fails))
@@ -285,7 +362,7 @@ def tidy(root: Path, state: st.State) -> Dict[str, Any]:
         if version != state.lance_version:
             state.data["lance_version"] = version
             state.save()
-    manifest = st.write_manifest(root, state)  # before the clean-up: it names the version readers open
+    manifest = write_manifest(root, st.manifest_of(state))  # before the clean-up: it names the version readers open
     if store.exists():
         store.cleanup()
     return manifest
@@ -295,8 +372,8 @@ class OutDir:
     """--out for the job's duration: created if missing (removed again, if still empty, when the job
     fails), locked against a second writer; every problem one line."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, option: str = "--out"):
+        self.root, self.option = root, option  # the option that named it (--staging for an s3:// --out)
         self.made: List[Path] = []
         self.lock: Optional[st.Lock] = None
 
@@ -305,7 +382,7 @@ class OutDir:
         try:  # a file there, or a place this user cannot write (whether it holds a dataset comes later)
             atomic.check_output_dir(root, owned=lambda p: True, replaced=False)
         except atomic.OutputError as e:
-            raise SystemExit(f"error: --out {e}") from None
+            raise SystemExit(f"error: {self.option} {e}") from None
         self.made = [p for p in (root, *root.parents) if not p.exists()]
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -315,7 +392,7 @@ class OutDir:
             raise SystemExit(f"error: {e}") from None
         except OSError as e:  # what the check above cannot see (root's access checks, read-only mounts)
             self._undo()
-            raise SystemExit(f"error: --out cannot write {root}: {e.strerror or e}") from None
+            raise SystemExit(f"error: {self.option} cannot write {root}: {e.strerror or e}") from None
         return self
 
     def __exit__(self, kind, *exc):
@@ -338,28 +415,37 @@ def run(args) -> int:
         views = expand_views(args.views)
     except ValueError as e:
         raise SystemExit(f"error: --views: {e}")
-    ckpt = Path(args.tokenizer)
-    tok = load_tokenizer(ckpt)
+    try:  # before the tokenizer is picked: its warnings must not precede an argument error
+        store.check_endpoint_url(args.s3_endpoint_url)
+    except store.StoreError as e:
+        raise SystemExit(f"error: --s3-endpoint-url: {e}") from None
+    ckpt, source = pick_tokenizer(args)
+    tok = load_tokenizer(ckpt, args.tokenizer_weights, source)
     data, listing = read_listing(args)
     settings = settings_for(args, tok, listing.classes, views)
-    run_settings = {"num_images": len(listing.items), "listing_sha256": listing.sha256(),
+    run_settings = {"num_images": listing.num_images, "listing_sha256": listing.sha256(),
                     "chunk_size": args.chunk_size, "batch_size": args.batch_size,
-                    "source": "file-list" if args.file_list else "folder"}
+                    "source": sources.kind(args, listing)}
+    source = sources.record(args, data, listing)
     target = args.out if store.is_s3(args.out) else None
     if target:
         root = staging_dir(args)
         try:
-            store.configure(args.s3_endpoint_url)
             prior = st.State.load(root)  # None until a first run made the staging directory
+        except st.ProvenanceError as e:
+            raise SystemExit(f"error: --staging {e}") from None
+        try:
+            store.configure(args.s3_endpoint_url)
             publish.check_target(target, prior.data.get("created") if prior else None)
-        except (publish.PublishError, store.StoreError, st.ProvenanceError) as e:
+        except (publish.PublishError, store.StoreError) as e:
             raise SystemExit(f"error: --out {e}") from None
         log.info(f"encoding into the staging directory {root}, published to {store.redact(target)} at the end")
     else:
-        if args.staging or args.s3_endpoint_url:
-            raise SystemExit("error: --staging and --s3-endpoint-url go with an s3:// --out")
+        if args.staging or (args.s3_endpoint_url and not store.is_s3(args.data or "")):
+            raise SystemExit("error: --staging goes with an s3:// --out, --s3-endpoint-url with an s3:// --out or "
+                             "--data")
         root = Path(args.out)
-    with OutDir(root):
+    with OutDir(root, "--staging" if target else "--out"):
         try:
             state = st.State.load(root)
         except st.ProvenanceError as e:
@@ -368,10 +454,22 @@ def run(args) -> int:
             if any(p.name != st.LOCK for p in root.iterdir()):
                 raise SystemExit(f"error: {root} is not empty and holds no token dataset")
             state = st.State.new(root, settings)
-            state.data["created"] = td.now_iso()
+            state.data["created"] = now_iso()
+        else:
+            for p in st.remove_leftovers(root):  # half-written files of a job killed while writing them
+                log.info(f"removed {p.relative_to(root)}, left by a killed job")
+        recorded = state.settings.get("tokenizer")
+        if isinstance(recorded, dict) and recorded.get("checkpoint_sha256") == tok["checkpoint_sha256"] and \
+                recorded.get("weights", tok.get("weights")) == tok.get("weights"):
+            # the same weights: a dataset keeps the record it was begun with (one from before the weight set or
+            # the source was recorded, or the source of another reference to the same checkpoint)
+            settings["tokenizer"] = recorded
         try:
             state.check_settings(settings)
+            sources.check_unchanged((state.split(args.split) or {}).get("source"), source, args.split)
             split_rec = state.start_split(args.split, run_settings)
+            if not split_rec["complete"]:
+                split_rec.setdefault("source", source)  # the manifest's sources.<split>
         except st.ProvenanceError as e:
             raise SystemExit(f"error: {e}")
         if split_rec["complete"]:
@@ -385,31 +483,33 @@ def run(args) -> int:
 
 def encode_split(args, root: Path, state: st.State, listing, settings, views, data, ckpt: Path, t0: float) -> None:
     """Encode the chunks of the split not yet committed, then record it complete (under the writer lock)."""
-    chunks = ls.chunk_ranges(len(listing.items), args.chunk_size)
+    chunks = ls.chunk_ranges(listing.num_images, args.chunk_size)
     done = state.committed(args.split)
     todo = [c for c in range(len(chunks)) if c not in done]
     skipped = sum(chunks[c][1] - chunks[c][0] for c in done)
     ray_mode = start_ray(args) if todo else None  # refusals come before anything is written
     try:
         state.data["tokenizer_path"] = str(ckpt.resolve())
-        state.data["code_version"] = td.code_version(args.code_version)
-        if args.code_version is None and td.git_commit(Path(td.__file__).resolve().parents[1]) is None:
+        state.data["code_version"] = provenance.code_version(args.code_version)
+        if args.code_version is None and provenance.git_commit() is None:
             log.warning("the code's commit is unknown (no .git beside it, as under ray job submit): pass "
                         "--code-version \"$(git describe --always --dirty)\" to record it")
         state.save()
         recover(root, state, args.split)
-        log.info(f"split {args.split!r}: {len(listing.items)} images in {len(chunks)} chunks; "
+        log.info(f"split {args.split!r}: {listing.num_images} images in {len(chunks)} chunks; "
                  f"{len(done)} already committed ({skipped} images skipped), {len(todo)} to do")
         encoded = failed = 0
         if todo:
-            encoded, failed = encode_chunks(args, root, state, listing, chunks, todo, settings, views, data)
+            with atomic.disk_full_as_error(root):  # at a chunk commit: the chunks committed before it stay
+                encoded, failed = encode_chunks(args, root, state, listing, chunks, todo, settings, views, data)
     finally:
         if ray_mode == "local":
             import ray
 
             ray.shutdown()
     crash = args.crash_at.point if args.crash_at and args.crash_at.point == "complete" else None
-    manifest = finalize(root, state, args.split, crash)
+    with atomic.disk_full_as_error(root):  # the split stays unfinished: a rerun finalizes it
+        manifest = finalize(root, state, args.split, crash)
     c = manifest["counts"][args.split]
     print(f"done in {time.time() - t0:.1f}s: split {args.split!r} encoded {encoded}, failed {failed}, "
           f"skipped {skipped} (already committed); dataset total {c['encoded_images']} encoded, "
@@ -481,18 +581,16 @@ def encode_chunks(args, root, state, listing, chunks, todo, settings, views, dat
 
     grid = settings["grid"]
     bits = settings["bits_per_token"]
-    schema = td.lance_schema(td.Packing(bits, grid[0] * grid[1]), settings)
-    rows = []
-    for c in todo:
-        lo, hi = chunks[c]
-        rows += pipeline.group_rows(args.split, c, ls.groups(listing.items[lo:hi], args.batch_size))
-    ds = pipeline.build(rows, root=str(data) if data else None, checkpoint=str(Path(args.tokenizer).resolve()),
+    schema = writer.lance_schema(td.Packing(bits, grid[0] * grid[1]), settings)
+    rows = sources.work_rows(listing, args.split, chunks, todo, args.batch_size)
+    ds = pipeline.build(rows, root=str(data) if data else None, checkpoint=str(Path(state.data["tokenizer_path"])),
                         resolution=args.resolution, views=views, bits=bits, actors=args.actors,
                         accelerators=args.gpus_per_actor, cpus_per_actor=_cpus_per_actor(args),
                         precision=args.precision, resource=pipeline.accelerator_resource(ray.cluster_resources()),
-                        compile=args.compile)
+                        compile=args.compile, read=sources.read_stage(listing))
     pending: Dict[int, Dict[str, Any]] = {c: {"rows": [], "seen": set()} for c in todo}
     n_done = encoded = failed = 0
+    this_run = sum(chunks[c][1] - chunks[c][0] for c in todo)  # images
     t0 = time.time()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -509,9 +607,11 @@ def encode_chunks(args, root, state, listing, chunks, todo, settings, views, dat
                 n_done += 1
                 encoded += info["encoded"]
                 failed += len(info["failures"])
-                rate = (encoded + failed) / max(time.time() - t0, 1e-9)
+                elapsed = max(time.time() - t0, 1e-9)
+                rate = (encoded + failed) / elapsed
                 log.info(f"chunk {c + 1}/{len(chunks)} committed: {info['encoded']} encoded, "
-                         f"{len(info['failures'])} failed ({n_done}/{len(todo)} this run, {rate:.1f} images/s)")
+                         f"{len(info['failures'])} failed ({n_done}/{len(todo)} this run, {rate:.1f} images/s, "
+                         f"elapsed {clock(elapsed)}, ETA {clock((this_run - encoded - failed) / max(rate, 1e-9))})")
     except ray.exceptions.RayError as e:
         # Committed chunks stay committed: running the same command again resumes after them.
         raise SystemExit(f"error: the Ray pipeline failed after {n_done} committed chunks "
@@ -525,6 +625,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
+    except atomic.DiskFullError as e:  # what was committed stays committed: a rerun resumes after it
+        sys.stderr.write(f"error: {e}\n")
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: what was committed stays committed (the lock and Ray are released)
         sys.stderr.write("error: interrupted; the chunks committed so far are kept: run the same command to "
                          "resume\n")

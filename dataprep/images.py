@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import BinaryIO, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -77,8 +77,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode a file fully into an RGB image or raise BadImage(reason)."""
+def load_rgb(path: str | Path | BinaryIO) -> Image.Image:
+    """Decode a file (a path, or a binary file object: an image's bytes from a shard or S3) fully into an RGB
+    image or raise BadImage(reason)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a grey-padded image
     try:
         with warnings.catch_warnings():
@@ -145,7 +146,7 @@ def make_views(img: Image.Image, resolution: int, views: Sequence[str]) -> np.nd
     return np.stack([np.asarray(crops[v], dtype=np.uint8) for v in views])
 
 
-def load_views(path: str | Path, resolution: int, views: Sequence[str]) -> np.ndarray:
+def load_views(path: str | Path | BinaryIO, resolution: int, views: Sequence[str]) -> np.ndarray:
     """load_rgb + make_views; raises BadImage."""
     return make_views(load_rgb(path), resolution, views)
 

@@ -1,25 +1,57 @@
-"""Inspect a token dataset: counts, per-class counts, codebook usage, bytes per token, provenance, and a
-PNG grid of a few rows decoded back to pixels with the tokenizer (a visual check); with --verify, check
-every row of both stores against the recorded checksums and each other (``dataprep.verify``).
+"""Inspect a token dataset: counts, per-class counts, codebook usage, bytes per token and provenance.
 
-    python -m dataprep.inspect_dataset DATASET [--split train] [--grid out.png] [--rows 8] [--tokenizer CKPT]
+    python -m dataprep.inspect_dataset DATASET [--split train] [--json]
+    python -m dataprep.inspect_dataset DATASET --grid rows.png [--rows 8] [--tokenizer CKPT]
     python -m dataprep.inspect_dataset DATASET --verify     # exit status 1 when anything is damaged
+
+--grid PATH also decodes a few rows back to pixels with the tokenizer (the one the manifest records, or
+--tokenizer) and writes them as one PNG at PATH, a visual check; nothing is written without it. --verify
+checks every row of both stores (Lance and MDS) against the recorded checksums and each other
+(``dataprep.verify``) and reports the rows of each split in each store.
 
 The figures are those of the committed rows (the manifest's Lance version), whatever a writer is doing.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-
 from dataprep import cli
-from dataprep.reader import TokenDataset
-from shared import object_store
-from shared import token_dataset as td
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line (light: built and parsed before the heavy imports below)."""
+    p = cli.Parser(prog="python -m dataprep.inspect_dataset", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", help="a token dataset directory, or its s3:// URI")
+    p.add_argument("--split", help="restrict the token statistics (and the grid's rows) to one split")
+    p.add_argument("--grid", metavar="PATH", help="decode --rows rows with the tokenizer and write them as one PNG "
+                                                  "at PATH (nothing is written without it)")
+    p.add_argument("--rows", type=int, default=8, help="rows in the --grid PNG (default: 8)")
+    p.add_argument("--tokenizer", metavar="CKPT",
+                   help="tokenizer checkpoint for --grid (default: the one the manifest records)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON only")
+    p.add_argument("--verify", action="store_true",
+                   help="read every row of both stores, check checksums and agreement, report the rows of each "
+                        "split per store; exit 1 if damaged (an s3:// dataset is downloaded into a temporary "
+                        "directory first)")
+    p.add_argument("--s3-endpoint-url", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3, "
+                                             "AWS_ENDPOINT_URL, else AWS)")
+    return p
+
+
+if __name__ == "__main__":  # --help and argument errors answer before the heavy imports below
+    _parser().parse_args()
+
+import numpy as np  # noqa: E402
+
+from shared import object_store  # noqa: E402
+from shared import token_dataset as td  # noqa: E402
+from shared.token_dataset import TokenDataset  # noqa: E402
+from shared.token_dataset.provenance import tokenizer_mismatch  # noqa: E402
 
 
 def summarize(ds: TokenDataset, split: Optional[str] = None) -> Dict[str, Any]:
@@ -42,9 +74,12 @@ def summarize(ds: TokenDataset, split: Optional[str] = None) -> Dict[str, Any]:
         },
         "bytes_per_token": ds.bytes_per_token(),
         "provenance": {"tokenizer": m.tokenizer["preset"], "checkpoint_sha256": m.tokenizer["checkpoint_sha256"],
+                       "tokenizer_weights": m.tokenizer.get("weights"), "tokenizer_source": m.tokenizer.get("source"),
                        "resolution": m.resolution, "views": list(m.views), "grid": list(m.grid),
                        "bits_per_token": ds.bits, "bit_order": td.BIT_ORDER, "subtoken_bits": list(m.subtoken_bits),
                        "packing": m.packing.to_dict(), "created": m.created, "code_version": m.code_version,
+                       "sources": {k: f"{v['format']} {v['uri']}" + (f" ({len(v['shards'])} shards)" if "shards" in v
+                                                                     else "") for k, v in (m.sources or {}).items()},
                        "lance_schema_matches_manifest": ds.provenance()["tokenizer"] == m.tokenizer},
     }
 
@@ -70,9 +105,8 @@ def decode_grid(ds: TokenDataset, ckpt: Path, out: Path, n: int, split: Optional
     from shared.runlog import image_grid, save_png
     from stage1_tokenizer.tokenizer import Tokenizer
 
-    want = ds.manifest.tokenizer["checkpoint_sha256"]
     try:
-        if td.checkpoint_sha256(ckpt) != want:
+        if tokenizer_mismatch(td.tokens_record(ds.manifest), ckpt):
             raise GridError(f"{ckpt} is not the tokenizer this dataset was made with (sha256 differs)")
         tok = Tokenizer.from_checkpoint(ckpt)
     except (CheckpointError, OSError) as e:
@@ -98,14 +132,22 @@ def run_verify(root: Path, shown: Optional[str] = None) -> int:
         print(f"note: {note}")
     for problem in rep.problems:
         print(f"damaged: {problem}")
-    rows = sum(rep.rows_checked.values())
     root = shown or root
     if not rep.ok:
         sys.stderr.write(f"error: {root}: {len(rep.problems)} problems found (listed above)\n")
         return 1
-    print(f"verified {root}: {rows} rows of {len(rep.rows_checked)} splits read in both stores, "
-          "all match their checksums and each other")
+    print(f"verified {root}: {verified_rows(rep)}; all match their checksums and each other")
     return 0
+
+
+def verified_rows(rep: Any) -> str:
+    """The rows a clean ``verify`` report read, per split and per store: every row of a split is stored once
+    in Lance and once in MDS, so a split of 400 rows is 400 rows, read twice."""
+    total = sum(rep.rows_checked.values())
+    splits = [f"split {split}: {max(stores.values(), default=0)} rows ("
+              + ", ".join(f"{store} {n}" for store, n in stores.items()) + ")"
+              for split, stores in rep.store_rows.items()]
+    return f"{total} rows of {len(rep.rows_checked)} splits read, counting both stores; " + "; ".join(splits)
 
 
 def verify_remote(uri: str) -> int:
@@ -126,18 +168,7 @@ def verify_remote(uri: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = cli.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("dataset")
-    p.add_argument("--split", help="restrict the token statistics to one split")
-    p.add_argument("--tokenizer", help="checkpoint for the decoded grid (default: the one recorded)")
-    p.add_argument("--grid", help="PNG path of the decoded grid (default: DATASET/inspect-grid.png)")
-    p.add_argument("--rows", type=int, default=8)
-    p.add_argument("--json", action="store_true", help="print the summary as JSON only")
-    p.add_argument("--verify", action="store_true",
-                   help="read every row of both stores, check checksums and agreement; exit 1 if damaged "
-                        "(an s3:// dataset is downloaded into a temporary directory first)")
-    p.add_argument("--s3-endpoint-url", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3, "
-                                             "AWS_ENDPOINT_URL, else AWS)")
+    p = _parser()
     args = p.parse_args(argv)
     if args.rows < 0:
         p.error(f"argument --rows: expected a number >= 0, got {args.rows}")
@@ -162,8 +193,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "run with --verify")
     ckpt = args.tokenizer or ds.manifest.tokenizer_path
     info["decoded_grid"], skipped = None, "no tokenizer checkpoint found; pass --tokenizer"
-    if ckpt and (args.tokenizer or Path(ckpt, "model.safetensors").is_file()) and args.rows > 0:
-        out = Path(args.grid) if args.grid else (Path("inspect-grid.png") if ds.remote else ds.root / "inspect-grid.png")
+    if not args.grid:
+        skipped = "not asked; --grid PATH writes one"
+    elif args.rows == 0:
+        skipped = "--rows 0"
+    elif ckpt and (args.tokenizer or Path(ckpt, "model.safetensors").is_file()):
+        out = Path(args.grid)
         try:
             grid = decode_grid(ds, Path(ckpt), out, args.rows, args.split)
         except GridError as e:

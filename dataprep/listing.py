@@ -54,6 +54,10 @@ class Listing:
     classes: List[str]
     ignored: int  # non-image files skipped by the folder scanner
 
+    @property
+    def num_images(self) -> int:
+        return len(self.items)
+
     def sha256(self) -> str:
         """Hash of (path, label) in order: equal listings give equal hashes."""
         h = hashlib.sha256()

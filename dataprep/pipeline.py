@@ -7,6 +7,7 @@ tokens of an uninterrupted one bit for bit.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import pyarrow as pa
 
 from dataprep import images as imgs
 from dataprep.listing import Item, resolve
+from shared import object_store as store
 from shared.token_dataset import Packing, row_id
 
 # Columns of the tokenizer stage's output: one row per (image, view), or one row per failed image
@@ -32,16 +34,45 @@ def group_rows(split: str, chunk: int, groups: Sequence[Sequence[Item]]) -> List
              "items": json.dumps([[it.index, it.path, it.label, it.reason] for it in g])} for g in groups]
 
 
-def decode_group(row: Dict[str, Any], root: Optional[str], resolution: int, views: List[str]) -> Dict[str, Any]:
-    """Decode and crop every image of a group; failures are kept as (index, reason), never raised."""
+def _blobs(row: Dict[str, Any]) -> Optional[List[Optional[bytes]]]:
+    """The encoded images a shard read task put in the row (None for a row of image paths)."""
+    sizes = row.get("sizes")
+    if sizes is None:
+        return None
+    data, out, pos = row["data"], [], 0
+    for n in json.loads(sizes):
+        out.append(None if n < 0 else bytes(data[pos:pos + n]))
+        pos += max(n, 0)
+    return out
+
+
+def _image_file(root: Optional[str], path: str):
+    """A listed image as what PIL opens: a local path, or the bytes of an object of an s3:// folder."""
+    full = resolve(root, path)
+    if not store.is_s3(full):
+        return full
+    data = store.get_bytes(full)  # a store error fails the task (Ray retries it), it is not the image's fault
+    if data is None:
+        raise imgs.BadImage("file not found")
+    return io.BytesIO(data)
+
+
+def decode_group(row: Dict[str, Any], root: Optional[str], resolution: int, views: List[str],
+                 endpoint: Optional[str] = None) -> Dict[str, Any]:
+    """Decode and crop every image of a group, from files (a folder, a file list) or from the bytes a shard
+    read task gave (``dataprep.sources.shards.read_chunk``); failures are kept as (index, reason), never raised."""
+    if endpoint:
+        store.configure(endpoint)
     items = json.loads(row["items"])
+    blobs = _blobs(row)
     ok, crops, errors = [], [], []
-    for index, path, label, reason in items:
-        if reason:  # known unusable from the listing (a file name that is not UTF-8)
+    for k, (index, path, label, reason) in enumerate(items):
+        if reason:  # known unusable from the listing or the read task (a name not UTF-8, a missing label, ...)
             errors.append([index, path, label, reason])
             continue
         try:
-            crops.append(imgs.load_views(resolve(root, path), resolution, views))
+            src = io.BytesIO(blobs[k]) if blobs is not None else _image_file(root, path)
+            crops.append(imgs.load_views(src, resolution, views))
             ok.append([index, path, label])
         except imgs.BadImage as e:
             errors.append([index, path, label, str(e)])
@@ -65,7 +96,7 @@ def pick_device(accelerators: float) -> str:
     return name
 
 
-class Encoder:
+class TokenizerActor:
     """Ray Data callable class: loads the tokenizer once per actor, encodes one group per call."""
 
     def __init__(self, checkpoint: str, resolution: int, views: List[str], bits: int, precision: str = "fp32",
@@ -115,22 +146,31 @@ class Encoder:
 
 def build(rows: List[Dict[str, Any]], *, root: Optional[str], checkpoint: str, resolution: int, views: List[str],
           bits: int, actors: int, accelerators: float, cpus_per_actor: float, precision: str,
-          resource: Optional[str] = "GPU", decode_cpus: float = 1.0, compile: bool = False):
+          resource: Optional[str] = "GPU", decode_cpus: float = 1.0, compile: bool = False,
+          read: Optional[Dict[str, Any]] = None, read_cpus: float = 0.5):
     """The lazy Ray dataset of tokenized rows for the given groups (executed by iterating it).
 
     ``accelerators`` per actor are of the Ray resource ``resource`` ("GPU", or "NPU" on Ascend clusters).
+    ``read``: the rows are chunks of shards (``sources.work_rows``), read into groups first by
+    ``read_chunk(**read)`` tasks (``read_cpus`` each: they mostly wait for I/O; a share unlike the decode
+    tasks' also keeps Ray from fusing the two stages, so decoding runs group by group in parallel).
     """
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # chunks finish in order: bounded buffering in the driver
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 20000)))
-    ds = ds.map(decode_group, fn_kwargs={"root": root, "resolution": resolution, "views": views},
+    if read is not None:
+        from dataprep.sources.shards import read_chunk
+
+        ds = ds.flat_map(read_chunk, fn_kwargs=read, num_cpus=read_cpus)
+    ds = ds.map(decode_group, fn_kwargs={"root": root, "resolution": resolution, "views": views,
+                                         "endpoint": store.endpoint() if root and store.is_s3(root) else None},
                 num_cpus=decode_cpus)
     # Fractional CPUs for CPU actors: on a 2-CPU machine whole-CPU actors starve the decode tasks and the
     # pipeline deadlocks (see the stack notes).
     ds = ds.map_batches(
-        Encoder,
+        TokenizerActor,
         fn_constructor_kwargs={"checkpoint": checkpoint, "resolution": resolution, "views": views, "bits": bits,
                                "precision": precision, "accelerators": accelerators,
                                "threads": max(1, int(round(cpus_per_actor))), "compile": compile},

@@ -8,9 +8,12 @@ Readers open manifest.json first and nothing else without it, so the manifest is
 until it exists the prefix holds no dataset (``TokenDataset`` and Stage 2 say "manifest.json is missing"),
 and once it exists every object it refers to is there. The protocol:
 
+  0. the local dataset is verified against the checksums its manifest records (``dataprep/verify.py``),
+     once the target has passed its read-only checks; a damaged one (a missing shard, a changed byte) is
+     refused before anything is written remotely;
   1. a marker ``.publishing.json`` naming the dataset (its ``created`` time and manifest digest) is written,
      so a second run knows the objects under the prefix are its own;
-  2. every file of the dataset (the Lance table at its committed version, the recorded MDS chunks and
+  2. every file of the dataset (the Lance table up to its committed version, the recorded MDS chunks and
      split indexes, the failure lists; not the writer's state or lock) is uploaded with its sha256 in the
      object metadata; a rerun after a kill skips the objects already there with the same digest;
   3. manifest.json is written;
@@ -36,8 +39,11 @@ from typing import Dict, List, Optional, Tuple
 
 from dataprep import cli
 from dataprep import state as st
+from shared import atomic
 from shared import object_store as store
 from shared import token_dataset as td
+from shared.progress import progress
+from shared.token_dataset.checksums import sha256_file
 
 MARKER = ".publishing.json"
 UPLOAD_THREADS = 8
@@ -59,10 +65,7 @@ def dataset_files(root: Path, manifest: td.Manifest) -> List[str]:
     writer = st.writer_of(root)
     if writer:
         raise PublishError(f"{root} is being written by another job ({writer}); publish it when that ends")
-    files = []
-    lance_dir = root / td.LANCE_DIR
-    if lance_dir.is_dir():
-        files += sorted(str(p.relative_to(root)) for p in lance_dir.rglob("*") if p.is_file())
+    files = _committed_lance_files(root, manifest.lance_version)
     for split in manifest.splits:
         mds = td.mds_split_dir(root, split)
         files.append(str((mds / "index.json").relative_to(root)))
@@ -79,6 +82,53 @@ def dataset_files(root: Path, manifest: td.Manifest) -> List[str]:
         raise PublishError(f"{root}: {missing[0]} is missing (run dataprep.inspect_dataset --verify)")
     # Lance's version manifests after its data files, so a listing never shows a version before its data
     return sorted(files, key=lambda f: ("/_versions/" in f, f))
+
+
+def _version_of(name: str) -> int:
+    """The Lance version a ``_versions/*.manifest`` file holds (both of Lance's naming schemes: the
+    version itself, or 2^64 - 1 minus it so that listings show the newest first)."""
+    n = int(name.split(".")[0])
+    return (1 << 64) - 1 - n if n >= 1 << 63 else n
+
+
+def _committed_lance_files(root: Path, version: Optional[int]) -> List[str]:
+    """The Lance files of the versions up to the committed one, relative to ``root``: a later version is a
+    writer's uncommitted work (a killed split's rows) that no reader may see, so neither its version file,
+    its transaction nor the data files only it reads are published."""
+    lance_dir = root / td.LANCE_DIR
+    if version is None or not lance_dir.is_dir():
+        return []
+    newer_data: set = set()
+    latest = max((_version_of(p.name) for p in (lance_dir / "_versions").glob("*.manifest")), default=version)
+    if latest > version:
+        import lance
+
+        def data_of(v: int) -> set:
+            return {f.path for frag in lance.dataset(str(lance_dir), version=v).get_fragments()
+                    for f in frag.data_files()}
+        newer_data = set().union(*(data_of(v) for v in range(version + 1, latest + 1))) - data_of(version)
+
+    def committed(rel: Path) -> bool:
+        top, name = rel.parts[0], rel.name
+        if top == "_versions":
+            return _version_of(name) <= version if name.endswith(".manifest") else latest == version
+        if top == "_transactions":  # READ_VERSION-UUID.txn made version READ_VERSION + 1
+            return int(name.split("-")[0]) < version
+        return not (top == "data" and name in newer_data)
+    return sorted(str(p.relative_to(root)) for p in lance_dir.rglob("*")
+                  if p.is_file() and committed(p.relative_to(lance_dir)))
+
+
+def verify_local(root: Path) -> None:
+    """Every file of ``root`` against the checksums its manifest records (``dataprep/verify.py``, what
+    ``inspect_dataset --verify`` runs); PublishError naming the first problem when anything is damaged."""
+    from dataprep import verify
+
+    rep = verify.verify(root)
+    if not rep.ok:
+        more = f" (and {len(rep.problems) - 1} more problems)" if len(rep.problems) > 1 else ""
+        raise PublishError(f"{root} is damaged, nothing was published: {rep.problems[0]}{more}; "
+                           "run dataprep.inspect_dataset --verify for the full report")
 
 
 def _created_of(manifest_bytes: bytes) -> Optional[str]:
@@ -146,6 +196,7 @@ def publish(root: Path, uri: str, *, overwrite: bool = False, crash_after: Optio
     if have is not None and have == local_bytes and MARKER not in existing:
         log(f"{store.redact(uri)} already holds this dataset, published: nothing to do")
         return {"uploaded": 0, "skipped": len(files), "deleted": 0}
+    verify_local(root)  # after the target's (read-only) checks, before anything is written there
     if have is not None and _created_of(have) != manifest.created:  # --overwrite another one
         store.delete([store.join(uri, td.MANIFEST)])  # readers stop seeing the old dataset first
     store.put_bytes(store.join(uri, MARKER), json.dumps(ident).encode())
@@ -153,13 +204,14 @@ def publish(root: Path, uri: str, *, overwrite: bool = False, crash_after: Optio
     def put(rel: str) -> bool:
         """Upload one file unless the same bytes are there already; True when uploaded."""
         path = root / rel
-        digest = td.sha256_file(path)
+        digest = sha256_file(path)
         target = store.join(uri, rel)
         if rel in existing and existing[rel] == path.stat().st_size:
             meta = store.head(target)
             if meta is not None and meta.get("Metadata", {}).get(SHA_KEY) == digest:
                 return False
-        store.upload_file(str(path), target, metadata={SHA_KEY: digest})
+        with atomic.disk_full_as_error(store.redact(target)):  # a store out of space: one line, no manifest
+            store.upload_file(str(path), target, metadata={SHA_KEY: digest})
         return True
 
     uploaded = skipped = 0
@@ -177,7 +229,8 @@ def publish(root: Path, uri: str, *, overwrite: bool = False, crash_after: Optio
                     skipped += 1
             continue
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-            for done in pool.map(put, group):
+            for done in progress(pool.map(put, group), total=len(group), unit="file",
+                                 desc="publish versions" if group is groups[1] else "publish files"):
                 uploaded, skipped = uploaded + done, skipped + (not done)
     store.put_bytes(store.join(uri, td.MANIFEST), local_bytes, metadata={SHA_KEY: ident["manifest_sha256"]})
     keep = set(files) | {td.MANIFEST, MARKER}
@@ -203,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         store.configure(args.s3_endpoint_url)
         publish(Path(args.dataset), args.target, overwrite=args.overwrite, crash_after=args.crash_after)
-    except (PublishError, store.StoreError) as e:
+    except (PublishError, store.StoreError, atomic.DiskFullError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0
 

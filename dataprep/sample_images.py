@@ -2,7 +2,7 @@
 
 Here rather than under tests/ because the encode benchmark (bench/encode_pipeline.py) needs the same
 folders as the tests; the test-only fixtures built on these (awkward files, photo patches for the
-tokenizer trainer) live in tests/fixtures_images.py.
+tokenizer trainer) live in tests/support/fixtures_images.py.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The committed-chunks record, provenance checks, and the manifest.json they add up to.
+"""The committed-chunks record, provenance checks, and the manifest they add up to.
 
 ``DATASET/state.json`` is the single source of truth for what is committed. It is rewritten atomically
 *after* a chunk's MDS directory and Lance append are on disk, so after a crash anything it does not list
@@ -16,6 +16,9 @@ from typing import Any, Dict, List, Optional
 
 from shared import atomic
 from shared import token_dataset as td
+from shared.token_dataset import checksums
+from shared.token_dataset.manifest import now_iso
+from shared.token_dataset.provenance import code_version
 
 STATE = "state.json"
 LOCK = ".lock"
@@ -171,6 +174,20 @@ def writer_of(root: Path) -> Optional[str]:
         os.close(fd)
 
 
+def remove_leftovers(root: Path) -> List[Path]:
+    """Remove the half-written files a job killed mid-write left in its dataset (``shared.atomic``'s
+    ``.NAME.XXXXXXXX.tmp``: of state.json, manifest.json, failures-<split>.tsv, mds/<split>/index.json);
+    only in a directory that holds a dataprep state record (the job's own), under its writer lock."""
+    root = Path(root)
+    gone = atomic.leftovers(root)
+    mds = root / td.MDS_DIR
+    for split_dir in sorted(mds.iterdir()) if mds.is_dir() else []:
+        gone += atomic.leftovers(split_dir)
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def commits_of(state: State) -> Optional[Dict[str, Any]]:
     """The manifest's ``commits`` block from the chunk records (None for a dataset whose chunks were
     committed before records existed: it has no checksums). Lance data files are hashed once per version."""
@@ -182,16 +199,15 @@ def commits_of(state: State) -> Optional[Dict[str, Any]]:
         splits[name] = {"mds_index_sha256": rec.get("mds_index_sha256") if rec["complete"] else None,
                         "chunks": [info["commit"] for info in chunks]}
     files = state.data.get("lance_files") or {}
-    if files.get("version") != state.lance_version:
-        files = {"version": state.lance_version, "files": td.lance_data_files(state.root, state.lance_version)}
+    if "files" not in files or files.get("version") != state.lance_version:  # none yet: no row reached Lance
+        files = {"version": state.lance_version, "files": checksums.lance_data_files(state.root, state.lance_version)}
         state.data["lance_files"] = files
         state.save()
-    return td.commits_block(state.root, state.lance_version, splits, files["files"])
+    return checksums.commits_block(state.root, state.lance_version, splits, files["files"])
 
 
-def write_manifest(root: Path, state: State) -> Dict[str, Any]:
-    """manifest.json from the settings plus per-split counts derived from the committed chunks."""
-    s = state.settings
+def manifest_of(state: State) -> td.Manifest:
+    """The manifest of the settings plus per-split counts derived from the committed chunks."""
     counts: Dict[str, td.SplitCounts] = {}
     for name, rec in sorted(state.data["splits"].items()):
         chunks = state.committed(name).values()
@@ -203,11 +219,10 @@ def write_manifest(root: Path, state: State) -> Dict[str, Any]:
             images=rec["run"]["num_images"], encoded_images=sum(info["encoded"] for info in chunks),
             failed_images=sum(len(info["failures"]) for info in chunks), rows=sum(info["rows"] for info in chunks),
             per_class=per_class, complete=rec["complete"])
-    manifest = td.Manifest(
-        grid=s["grid"], bits_per_token=s["bits_per_token"], subtoken_bits=s["subtoken_bits"], classes=s["classes"],
-        resolution=s["resolution"], views=s["views"], tokenizer=s["tokenizer"], counts=counts,
-        created=state.data.get("created") or td.now_iso(),
-        code_version=state.data.get("code_version") or td.code_version(),
+    return td.Manifest.from_settings(
+        state.settings, counts=counts, created=state.data.get("created") or now_iso(),
+        code_version=state.data.get("code_version") or code_version(),
         tokenizer_path=state.data.get("tokenizer_path"),  # a hint for inspect_dataset's decoded grid
-        commits=commits_of(state))
-    return td.write_manifest(root, manifest)
+        commits=commits_of(state),
+        sources={name: rec["source"] for name, rec in sorted(state.data["splits"].items()) if rec.get("source")}
+        or None)  # where each split's images came from (dataprep.sources); absent for older datasets

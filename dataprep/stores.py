@@ -1,6 +1,6 @@
-"""What the job does to the two stores beyond writing rows (``shared.token_dataset`` writes them): roll
-Lance back to the committed version, compact it and drop old versions; remove MDS chunk directories no
-commit recorded; measure a store's size on disk.
+"""What the job does to the two stores beyond writing rows (``shared.token_dataset.writer`` writes them):
+roll Lance back to the committed version, compact it and drop old versions; remove MDS chunk directories
+no commit recorded.
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from shared import object_store
 from shared import token_dataset as td
+from shared.token_dataset.writer import append_lance
 
 
 class LanceStore:
@@ -29,7 +29,7 @@ class LanceStore:
         return lance.dataset(self.uri, version=version)
 
     def append(self, table) -> int:
-        return td.append_lance(self.root, table)
+        return append_lance(self.root, table)
 
     def rollback(self, version: Optional[int]) -> bool:
         """Make ``version`` the latest again (None: no committed rows, remove the table). True if changed."""
@@ -69,13 +69,3 @@ def remove_stray_mds(root: Path, split: str, committed: Sequence[int]) -> List[s
                 shutil.rmtree(p)
                 removed.append(p.name)
     return removed
-
-
-def store_bytes(path: Path | str) -> int:
-    """Bytes of every file (or object, on object storage) under ``path``: the whole store, metadata included."""
-    if object_store.is_s3(path):
-        return sum(size for _, size in object_store.list_objects(str(path)))
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -3,7 +3,7 @@ two stores against each other (same ids, labels, views and token bytes).
 
     python -m dataprep.inspect_dataset DATASET --verify
 
-What is checked (``shared.token_dataset``'s ``commits`` block says what was committed):
+What is checked (the manifest's ``commits`` block, ``shared.token_dataset.checksums``, says what was committed):
   * Lance, at the committed version: every data file against its sha256; every row read, each chunk's
     rows against the chunk's ``rows_sha256`` / ``paths_sha256``; row ids, splits and views consistent;
   * MDS, per split: index.json against its sha256 (when it is missing or damaged, the chunk indexes are
@@ -28,6 +28,9 @@ import numpy as np
 from dataprep import cli
 from dataprep import state as st
 from shared import token_dataset as td
+from shared.progress import progress
+from shared.token_dataset import checksums
+from shared.token_dataset.writer import chunk_shards
 
 RowDigests = Dict[str, Tuple[bytes, str]]  # row id -> (digest, where it was read: a file or a store)
 
@@ -37,6 +40,7 @@ class Report:
     problems: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     rows_checked: Dict[str, int] = field(default_factory=dict)  # per split: rows read in both stores
+    store_rows: Dict[str, Dict[str, int]] = field(default_factory=dict)  # per split: rows read per store
 
     @property
     def ok(self) -> bool:
@@ -96,12 +100,14 @@ def _lance_rows(root: Path, m: td.Manifest, rep: Report) -> Optional[Dict[str, D
             path = Path(uri, "data", f)
             if not path.is_file():
                 rep.problems.append(f"{name}/data/{f}: missing")
-            elif td.sha256_file(path) != want[f]:
+            elif checksums.sha256_file(path) != want[f]:
                 rep.problems.append(f"{name}/data/{f}: sha256 differs from the manifest (damaged)")
     rows: Dict[str, Dict[str, Tuple[bytes, bytes]]] = {s: {} for s in m.splits}
     bad: List[str] = []
+    bar = progress(desc=f"verify {name}", total=sum(c.rows for c in m.counts.values()), unit="row")
     try:
         for batch in ds.to_batches(columns=["id", "split", "path", "label", "view", "tokens"]):
+            bar.update(batch.num_rows)
             cols = [batch.column(c).to_pylist() for c in ("id", "split", "path", "label", "view", "tokens")]
             for rid, split, path, label, view, tokens in zip(*cols):
                 try:
@@ -113,10 +119,11 @@ def _lance_rows(root: Path, m: td.Manifest, rep: Report) -> Optional[Dict[str, D
                     continue
                 if rid in rows[split]:
                     bad.append(f"{rid!r} (twice)")
-                rows[split][rid] = (td.row_digest(rid, label, view, tokens), td.path_digest(rid, path))
+                rows[split][rid] = (checksums.row_digest(rid, label, view, tokens), checksums.path_digest(rid, path))
     except Exception as e:  # a damaged file can stop the scan itself
         rep.problems.append(f"{at}: cannot read its rows: {cli.first_line(e, with_type=True)}")
         return None
+    bar.close()
     if bad:
         rep.problems.append(f"{at}: {len(bad)} rows whose id, split or view do not agree: {', '.join(bad[:6])}")
     return rows
@@ -154,7 +161,7 @@ def _mds_rows(root: Path, split: str, m: td.Manifest, rep: Report) -> RowDigests
     if m.counts[split].complete:
         if not index.is_file():
             rep.problems.append(f"{rel}/index.json: missing (Streaming cannot read the split)")
-        elif rec is not None and td.sha256_file(index) != rec["mds_index_sha256"]:
+        elif rec is not None and checksums.sha256_file(index) != rec["mds_index_sha256"]:
             rep.problems.append(f"{rel}/index.json: sha256 differs from the manifest (damaged or replaced)")
         else:
             try:
@@ -169,10 +176,10 @@ def _mds_rows(root: Path, split: str, m: td.Manifest, rep: Report) -> RowDigests
             if not cindex.is_file():
                 rep.problems.append(f"{rel}/{cdir}/index.json: missing (chunk {ch['chunk']}, {ch['rows']} rows)")
                 continue
-            if td.sha256_file(cindex) != ch["mds_index_sha256"]:
+            if checksums.sha256_file(cindex) != ch["mds_index_sha256"]:
                 rep.problems.append(f"{rel}/{cdir}/index.json: sha256 differs from the manifest (damaged)")
             try:
-                shards += td.chunk_shards(root, split, ch["chunk"])
+                shards += chunk_shards(root, split, ch["chunk"])
             except (ValueError, KeyError, TypeError) as e:
                 rep.problems.append(f"{rel}/{cdir}/index.json: not a Streaming index "
                                     f"({cli.first_line(e, with_type=True)})")
@@ -183,7 +190,7 @@ def _mds_rows(root: Path, split: str, m: td.Manifest, rep: Report) -> RowDigests
             rep.notes.append(f"{rel}: directories no commit recorded (a killed job's, removed by the next run): "
                              f"{', '.join(stray)}")
     rows: RowDigests = {}
-    for shard in shards or []:
+    for shard in progress(shards or [], desc=f"verify {rel}", unit="shard"):
         _read_shard(base, rel, shard, m.commits is not None, m.packing.bytes_per_image, len(m.views), rows, rep)
     return rows
 
@@ -216,7 +223,7 @@ def _read_shard(base: Path, rel: str, shard: Dict[str, Any], want_hash: bool, by
         for i in range(n):
             for rid, label, view, tokens in td.mds_rows(reader.decode_sample(raw[offsets[i]:offsets[i + 1]]),
                                                         bytes_per_image):
-                rows[rid] = (td.row_digest(rid, label, view, tokens), name)
+                rows[rid] = (checksums.row_digest(rid, label, view, tokens), name)
     except Exception as e:  # a damaged shard may not decompress or parse: report it, check the rest
         rep.problems.append(f"{name}: cannot be decoded ({cli.first_line(e, with_type=True)})")
 
@@ -252,12 +259,12 @@ def _compare(split: str, m: td.Manifest, lance: Optional[Dict[str, Tuple[bytes, 
         for ch in rec["chunks"]:
             where = f"split {split!r} chunk {ch['chunk']} (images {ch['first']}..{ch['first'] + ch['images'] - 1})"
             lc, mc = (lance_chunks[ch["chunk"]] if lance is not None else None), mds_chunks[ch["chunk"]]
-            m_ok = td.chunk_digest({r: d for r, (d, _) in mc.items()}) == ch["rows_sha256"]
-            l_ok = lc is not None and td.chunk_digest({r: d for r, (d, _) in lc.items()}) == ch["rows_sha256"]
+            m_ok = checksums.chunk_digest({r: d for r, (d, _) in mc.items()}) == ch["rows_sha256"]
+            l_ok = lc is not None and checksums.chunk_digest({r: d for r, (d, _) in lc.items()}) == ch["rows_sha256"]
             if lc is not None and not l_ok:
                 rep.problems.append(f"{lance_name}: {where} differs from its checksum; "
                                     + _diff(lc, mc if m_ok else None, ch["rows"])[0])
-            elif l_ok and td.chunk_digest({r: p for r, (_, p) in lc.items()}) != ch["paths_sha256"]:
+            elif l_ok and checksums.chunk_digest({r: p for r, (_, p) in lc.items()}) != ch["paths_sha256"]:
                 rep.problems.append(f"{lance_name}: {where}: the path column differs from its checksum")
             if check_mds and not m_ok:
                 text, wrong = _diff(mc, lc if l_ok else None, ch["rows"])
@@ -281,6 +288,7 @@ def _compare(split: str, m: td.Manifest, lance: Optional[Dict[str, Tuple[bytes, 
             rep.problems.append(f"{store}: split {split!r} has {len(rows)} rows, the manifest counts "
                                 f"{m.counts[split].rows}")
     rep.rows_checked[split] = len(lance or {}) + (len(mds) if check_mds else 0)
+    rep.store_rows[split] = {"Lance": len(lance or {}), **({"MDS": len(mds)} if check_mds else {})}
 
 
 def _diff(rows: RowDigests, reference: Optional[RowDigests], expected: int) -> Tuple[str, List[str]]:

@@ -2,10 +2,12 @@
 
 The dataset is written once by the real tools: ``python -m dataprep.fashion_mnist`` (image folders), then
 ``python -m dataprep.encode`` (the Ray job) for the train and the held-out split. Training reads the MDS
-shards through ``stage2_ar.data`` with the run's own sub-token split (the dataset records (6, 12), which the
-project's trainer insists on; the tokens are the same 18-bit indices whatever the split, so a (9, 9) model
-reads the very same rows). The splits are small (a few MB), so they are read once into memory and batched
-from a seeded permutation: the run is a pure function of its seed.
+shards through the token datasets' reader (``shared.token_dataset.TokenDataset``) with the run's own
+sub-token split (the dataset records (6, 12), which the project's trainer insists on; the tokens are the
+same 18-bit indices whatever the split, so a (9, 9) model reads the very same rows). The splits are small
+(a few MB), so they are read once into memory and batched from a seeded permutation: the run is a pure
+function of its seed. Each step is the trainer's own (``stage2_ar.train.TrainStep``: one micro-batch per
+step, fp32 on the CPU), fed from that permutation.
 """
 from __future__ import annotations
 
@@ -16,19 +18,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from experiments.presets import ARAblation, FashionData
+from shared.device import DistInfo
 from shared.runlog import image_grid, save_png
+from shared.token_dataset import TokenDataset
+from shared.tokens import split_index
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_ar import data as sdata
-from stage2_ar.lr_schedule import WarmupHoldDecay, build_scheduler
-from stage2_ar.model import FactorizedAR, count_params, subtoken_loss
-from stage2_ar.sample import generate, image_seed
-from stage2_ar.train import param_groups
+from stage2_ar.config import ARConfig
+from stage2_ar.generate import generate_images
+from stage2_ar.model import FactorizedAR, count_params
+from stage2_ar.train import Batch, TrainStep, lr_schedule
+from stage2_ar.train_config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 Split = Tuple[Tuple[torch.Tensor, ...], torch.Tensor]  # (sub-tokens (N, T) each, labels (N,))
@@ -59,13 +65,13 @@ def build_dataset(fm: FashionData, fm_root: Path, tokenizer: Path, out: Path, cp
 
 
 def load_split(dataset: Path, split: str, bits: Sequence[int], cache: Path) -> Split:
-    manifest = sdata.read_manifest(str(dataset))
-    layout = sdata.TokenLayout(manifest.tokens_per_image, manifest.bits_per_token, tuple(bits), len(manifest.views))
-    ds = sdata.make_dataset(str(dataset), split=split, batch_size=1, layout=layout, cache_dir=str(cache),
-                            shuffle=False)
-    rows = [ds[i] for i in range(ds.size)]
-    subs = tuple(torch.stack([r[0][m] for r in rows]) for m in range(len(bits)))
-    return subs, torch.stack([r[1] for r in rows])
+    """Every image of a split (its view 0, in storage order) as sub-tokens of ``bits``, read through the token
+    datasets' streaming reader (``cache``: its cache directories, one per split)."""
+    stream = TokenDataset(dataset).streaming(split, cache / split, view=0, shuffle=False, batch_size=1)
+    rows = [stream[i] for i in range(stream.num_samples)]
+    idx = np.stack([r["tokens"].reshape(-1) for r in rows])
+    subs = tuple(torch.from_numpy(np.ascontiguousarray(s)) for s in split_index(idx, bits))
+    return subs, torch.tensor([int(r["label"]) for r in rows], dtype=torch.int64)
 
 
 @torch.no_grad()
@@ -87,20 +93,30 @@ def heldout_nll(model: FactorizedAR, split: Split, batch: int = 250) -> Dict[str
     return {"nll_nats": nats, "nll_bits": nats / math.log(2), "subtoken_nats": per_sub.tolist()}
 
 
-def batches(n: int, batch: int, seed: int):
-    """Endless index batches from a fresh seeded permutation each epoch (the tail of an epoch is dropped)."""
+def batches(split: Split, batch: int, seed: int) -> Iterator[Batch]:
+    """Endless (sub-tokens, labels) batches from a fresh seeded permutation each epoch (the tail is dropped)."""
+    subs, labels = split
     g = torch.Generator().manual_seed(seed)
     while True:
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n - batch + 1, batch):
-            yield perm[i:i + batch]
+        perm = torch.randperm(len(labels), generator=g)
+        for i in range(0, len(labels) - batch + 1, batch):
+            idx = perm[i:i + batch]
+            yield tuple(s[idx] for s in subs), labels[idx]
+
+
+def train_config(ab: ARAblation, model: ARConfig) -> TrainConfig:
+    """The ablation's recipe as the trainer's config: AdamW (0.9, 0.95), weight decay on every parameter, clip
+    1, warm-up / hold / linear decay to 0.1x, one micro-batch of ``ab.batch`` per step, fp32 on one CPU."""
+    return TrainConfig(model=model, precision="fp32", device="cpu",
+                       optim=OptimConfig(lr=ab.lr, weight_decay=ab.weight_decay, decay="all", grad_clip=1.0),
+                       schedule=ScheduleConfig(max_steps=ab.steps, warmup_steps=ab.warmup),
+                       data=DataConfig(global_batch=ab.batch, micro_batch=ab.batch))
 
 
 def sample_grid(model: FactorizedAR, tokenizer: Tokenizer, per_class: int, seed: int, path: Path) -> Path:
     """One row per class, CFG and temperatures from the model config, one seeded generator per image."""
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)
-    gens = [torch.Generator().manual_seed(image_seed(seed, i)) for i in range(len(labels))]
-    images = tokenizer.decode(generate(model, labels, generator=gens)).clamp(-1, 1)
+    images = generate_images(model, tokenizer, labels, seed=seed).images
     save_png(image_grid(images, nrow=per_class), path)
     return path
 
@@ -128,24 +144,16 @@ def run(ab: ARAblation, seed: int, dataset: Path, tokenizer: Path, out: Path) ->
     train, val = (load_split(dataset, s, cfg.bits, cache) for s in ("train", "val"))
     torch.manual_seed(seed)
     model = FactorizedAR(cfg).train()
-    opt = torch.optim.AdamW(param_groups(model, "all", ab.weight_decay), lr=ab.lr, betas=(0.9, 0.95))
-    sched = build_scheduler(opt, WarmupHoldDecay(ab.steps, min(ab.warmup, ab.steps)))
-    order = batches(len(train[1]), ab.batch, seed)
+    tcfg = train_config(ab, cfg)
+    train_step = TrainStep(model, tcfg, DistInfo(0, 0, 1, torch.device("cpu")), lr_schedule(tcfg.schedule, 1))
+    order = batches(train, ab.batch, seed)
     # the curve points read an evenly spread subset (the split is stored class by class)
     pick = torch.linspace(0, len(val[1]) - 1, min(ab.eval_images, len(val[1]))).round().long()
     curve_val = tuple(s[pick] for s in val[0]), val[1][pick]
     rows: List[Dict[str, Any]] = [{"step": 0, **heldout_nll(model, curve_val)}]
     t0, recent = time.time(), []
     for step in range(1, ab.steps + 1):
-        idx = next(order)
-        subs = tuple(s[idx] for s in train[0])
-        loss = subtoken_loss(model(subs, train[1][idx]), subs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        recent.append(loss.item())
+        recent.append(train_step(order)["loss"].item())
         if step % ab.log_every == 0 or step == ab.steps:
             rows.append({"step": step, "loss": sum(recent) / len(recent)})
             recent = []

@@ -6,8 +6,13 @@
     python -m experiments.run --list
 
 A finished run leaves OUT/runs/<name>/seed-<k>/result.json next to the config it ran with; a rerun with
-the same config reuses it (an interrupted --all continues where it stopped), a changed config starts that
-run over. Then OUT/tables.md, OUT/results.json and OUT/figures/*.png are rebuilt from every result in OUT.
+the same config reuses it (an interrupted --all continues where it stopped); a run, photo set or token
+dataset made with another config is replaced only with ``--overwrite``. Then OUT/tables.md, OUT/results.json
+and OUT/figures/*.png are rebuilt from every result in OUT.
+
+It deletes or replaces only what it made: OUT holds a marker file (``.experiments-run``) from the first run,
+each directory it may replace one as well; an OUT that holds anything else is refused. Every argument is
+checked before any work, and a refusal is one ``error: ...`` line.
 AR runs need the token dataset, which needs the ``ar_tokenizer`` run (seed 0): both are made on demand.
 Training uses one torch thread (``--threads``) and the CPU, so that a run's minutes mean the same thing.
 """
@@ -15,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +35,33 @@ from shared import atomic
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CONFIG, RESULT = "config.json", "result.json"
+MARK = ".experiments-run"  # in OUT and in every directory this tool may replace: it made them
+
+
+class Refused(RuntimeError):
+    """What this tool must not do (replace another's files, or its own without --overwrite); one line."""
+
+
+def _marked(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(d / MARK, "made by python -m experiments.run; it may replace what is in this directory\n")
+    return d
+
+
+def fresh_dir(d: Path, key: Any, overwrite: bool) -> Path:
+    """``d`` empty and marked as this tool's, for the output of config ``key``: a directory this tool did
+    not make is refused; its own, made with another config, is replaced only with ``overwrite`` (one a
+    killed run left before its config was written is replaced, it holds nothing finished)."""
+    if d.is_dir() and any(d.iterdir()):
+        if not (d / MARK).is_file():
+            raise Refused(f"{d} holds files this tool did not make; move them away or choose another --out")
+        if (d / CONFIG).is_file() and _read(d / CONFIG) != key and not overwrite:
+            raise Refused(f"{d} holds an output of another configuration; pass --overwrite to replace it, "
+                          "or choose another --out")
+        shutil.rmtree(d)
+    elif d.exists() and not d.is_dir():
+        raise Refused(f"{d} is a file this tool did not make; move it away or choose another --out")
+    return _marked(d)
 
 
 def _plain(obj: Any) -> Any:
@@ -36,8 +70,8 @@ def _plain(obj: Any) -> Any:
 
 
 class Runner:
-    def __init__(self, suite: Suite, out: Path, fm_root: Path):
-        self.suite, self.out, self.fm_root = suite, out, fm_root
+    def __init__(self, suite: Suite, out: Path, fm_root: Path, overwrite: bool = False):
+        self.suite, self.out, self.fm_root, self.overwrite = suite, out, fm_root, overwrite
 
     def say(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -49,7 +83,7 @@ class Runner:
         root = self.out / "photos"
         key = _plain(self.suite.photos)
         if _read(root / CONFIG) != key:
-            shutil.rmtree(root, ignore_errors=True)
+            fresh_dir(root, key, self.overwrite)
             counts = photos.build(root, self.suite.photos)
             atomic.write_text(root / "counts.json", json.dumps(counts, indent=1) + "\n")
             atomic.write_text(root / CONFIG, json.dumps(key) + "\n")
@@ -79,7 +113,7 @@ class Runner:
             if not (self.fm_root / "train-images-idx3-ubyte.gz").is_file():
                 raise SystemExit(f"error: no Fashion-MNIST IDX files in {self.fm_root}: install Debian's "
                                  "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist) or pass --fmnist-root")
-            shutil.rmtree(root, ignore_errors=True)
+            fresh_dir(root, key, self.overwrite)
             self.say(f"token dataset: Fashion-MNIST encoded by {tok_exp.name} (seed 0) with the Ray job")
             autoregressive.build_dataset(self.suite.fashion, self.fm_root, ckpt, root, self.suite.encode_cpus)
             atomic.write_text(root / CONFIG, json.dumps(key) + "\n")
@@ -94,8 +128,7 @@ class Runner:
         if done is not None and done.get("config") == key:
             return done["result"]
         if _read(d / CONFIG) != key:  # a different config's leftovers must not be resumed
-            shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
+            fresh_dir(d, key, self.overwrite)
             atomic.write_text(d / CONFIG, json.dumps(key) + "\n")
         if exp.kind == "ar":
             self.tokens()  # its prerequisites first, so that the CPU time below is the run's own
@@ -171,15 +204,47 @@ def _read(path: Path) -> Optional[Any]:
         return None
 
 
+def seed_list(text: str) -> tuple:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def check_out(out: Path) -> None:
+    """--out: a directory (or one to create) that can be written, and, when it holds anything, one this tool
+    made (its marker); Refused otherwise. Writes nothing."""
+    if out.exists() and not out.is_dir():
+        raise Refused(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
+        some = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+        raise Refused(f"--out {out} holds files this tool did not make ({some}); choose a new or empty directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise Refused(f"--out {out}: {parent} is a file, not a directory")
+    try:  # a probe, not os.access: that says yes to root on a read-only file system
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise Refused(f"--out {out}: {parent} is not writable ({e.strerror or e})") from None
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n")[0])
+    from dataprep import cli
+
+    p = cli.Parser(prog="python -m experiments.run", description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="*", help="experiments to run (see --list)")
     p.add_argument("--all", action="store_true", help="every experiment of the suite")
     p.add_argument("--smoke", action="store_true", help="the smoke suite: tiny sizes, one seed, seconds per run")
     p.add_argument("--out", type=Path, default=Path("runs/ablations"))
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's)")
+    p.add_argument("--seeds", type=seed_list, default=None, help="comma-separated seeds (default: the suite's)")
     p.add_argument("--fmnist-root", type=Path, default=FMNIST, help="folder of the Fashion-MNIST IDX .gz files")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the stated budgets are for 1)")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads (the stated budgets are for 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this tool's own outputs in OUT that were made with another configuration")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     return p.parse_args(argv)
 
@@ -195,13 +260,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("error: name experiments to run, or --all (see --list)")
     try:
         chosen = list(suite.experiments) if args.all else [suite.get(n) for n in args.names]
-        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else suite.seeds
-    except (KeyError, ValueError) as e:
-        raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) else e}") from None
+        seeds = args.seeds or suite.seeds
+        out = args.out.resolve()
+        check_out(out)
+    except (KeyError, Refused) as e:
+        raise SystemExit(f"error: {e.args[0]}") from None
+    if any(e.kind == "ar" for e in chosen) and not (args.fmnist_root / "train-images-idx3-ubyte.gz").is_file():
+        raise SystemExit(f"error: --fmnist-root {args.fmnist_root}: no Fashion-MNIST IDX files there (the AR runs "
+                         "need them): install Debian's 'dataset-fashion-mnist' or pass the folder that holds them")
     import torch
 
     torch.set_num_threads(args.threads)
-    runner = Runner(suite, args.out.resolve(), args.fmnist_root)
+    runner = Runner(suite, out, args.fmnist_root, args.overwrite)
+    try:
+        if not (out / MARK).is_file():
+            _marked(out)
+        return _run_all(runner, suite, chosen, seeds)
+    except (Refused, atomic.DiskFullError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a path it cannot write or read after all: one line naming it
+        if e.filename is None:
+            raise
+        raise SystemExit(f"error: {e.filename}: {e.strerror or e}") from None
+
+
+def _run_all(runner: Runner, suite: Suite, chosen: Sequence[Experiment], seeds: Sequence[int]) -> int:
     t0, cpu0 = time.time(), cpu_seconds()
     for exp in chosen:
         for seed in runner.seeds_of(exp, seeds):

@@ -10,6 +10,7 @@ everything lands under one folder:
     OUT/tokenizer/                          tokenizer run (checkpoints, metrics.jsonl, image grids, final/)
     OUT/tokenizer-eval.json                 PSNR, SSIM, codebook usage of the EMA tokenizer on val
     OUT/tokens/                             token dataset: manifest.json, tokens.lance, mds/train
+    OUT/inspect-grid.png                    a few rows of the token dataset decoded back to pixels
     OUT/ar/                                 AR run (checkpoints, metrics.jsonl, sample grids)
     OUT/samples/                            class-conditional grid (one row per class) + samples.npz
     OUT/summary.md                          the table printed at the end
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
         py, "dataprep/encode.py", "--data", str(out / "data"), "--split", "train", "--tokenizer", str(tok),
         "--out", str(out / "tokens"), "--resolution", "32", "--views", "center,flip", "--batch-size", "64",
         "--chunk-size", "2048", "--num-cpus", "2"])
-    steps.run("4b inspect the token dataset", [py, "-m", "dataprep.inspect_dataset", str(out / "tokens")])
+    steps.run("4b inspect the token dataset", [py, "-m", "dataprep.inspect_dataset", str(out / "tokens"),
+                                               "--grid", str(out / "inspect-grid.png")])
     steps.run("5/6 train the AR model from the MDS shards (ar-demo)", [
         py, "-m", "stage2_ar.train", "--config", "ar-demo", f"data.path={out / 'tokens'}", f"out_dir={out / 'ar'}",
         f"schedule.max_steps={a.ar_steps}", f"tokenizer={tok}"])

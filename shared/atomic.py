@@ -3,15 +3,21 @@
 Outputs are checked before any work (``check_output_dir``): a tool never replaces or deletes something it
 did not make. ``atomic_dir`` replaces an existing directory only when it is empty or its caller recognises
 it as its own product (``replace_if``), and checks again at the rename.
+
+A full disk is reported as such, once, here: whatever fills it while writing through ``atomic_path`` /
+``atomic_dir`` (or inside ``disk_full_as_error``) becomes a one-line ``DiskFullError`` naming the path, and
+the temporary file or directory is removed, so nothing is left looking complete.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -19,6 +25,41 @@ PathLike = Union[str, os.PathLike]
 class OutputError(ValueError):
     """An output path a tool must not or cannot write: a file where a directory goes, a directory that is
     not writable, or one that holds someone else's files (one-line message)."""
+
+
+class DiskFullError(OSError, OutputError):
+    """No space left on device while writing ``filename`` (an OSError with errno ENOSPC, and an
+    OutputError, so every handler of either reports it in one line)."""
+
+    def __init__(self, path: PathLike):
+        super().__init__(errno.ENOSPC, "no space left on device", str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename}: no space left on device (free some space and run the same command again)"
+
+
+# What full disks look like when the write does not come from Python's own I/O: Rust (Lance) and C++
+# (torch.save's zip writer, which only sees a short write: "unexpected pos N vs M") report it in text.
+_FULL_TEXTS = ("no space left on device", "os error 28", "unexpected pos ", "file write failed")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return True
+    return any(t in str(e).lower() for t in _FULL_TEXTS)
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: PathLike) -> Iterator[None]:
+    """Turn a full disk met inside the block into ``DiskFullError(path)``; other errors pass unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:  # safetensors and Lance raise their own types, with the OS error in the text
+        if is_disk_full(e):
+            raise DiskFullError(path) from None
+        raise
 
 
 def _umask() -> int:
@@ -32,6 +73,9 @@ def umask_mode(mode: int) -> int:
     return mode & ~_umask()
 
 
+_LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
@@ -42,13 +86,24 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     os.chmod(tmp, umask_mode(0o666))  # mkstemp makes 0600; give the file the permissions open() would
     tmp = Path(tmp)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with disk_full_as_error(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def leftovers(directory: PathLike) -> List[Path]:
+    """The temporary files ``atomic_path`` left in ``directory`` when its process was killed mid-write:
+    ``.NAME.XXXXXXXX.tmp`` (the name of the file it was writing, eight random characters); a job that owns the
+    directory removes them when it starts."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _LEFTOVER.match(p.name) and p.is_file() and not p.is_symlink())
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
@@ -132,7 +187,8 @@ def atomic_dir(path: PathLike, *, replace_if: Optional[Callable[[Path], bool]] =
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, umask_mode(0o777))
     try:
-        yield tmp
+        with disk_full_as_error(path):
+            yield tmp
         old = None
         if os.path.lexists(path):
             check_output_dir(path, owned=owned, what=what)  # something may have appeared during the work

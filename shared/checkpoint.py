@@ -6,12 +6,13 @@ A checkpoint is a directory:
     trainer_state.pt     optional: optimizer/scheduler/step/RNG state, read with weights_only=True
 
 The directory is written under a temporary name and renamed into place, so a crash mid-write never leaves
-a directory that looks complete. An existing directory is replaced only if it is a checkpoint of the same
+a directory that looks complete; a full disk is ``shared.atomic.DiskFullError``, one line naming the
+checkpoint (torch.save's "unexpected pos N vs M" included), with the temporary directory removed. An existing directory is replaced only if it is a checkpoint of the same
 kind (recognised by its config.json) or empty, unless ``overwrite=True``: a tool never replaces what it did
 not make (``check_checkpoint_output`` runs the same test before any work).
 
-Legacy ``.ckpt``/``.pt`` files (e.g. the official Lightning checkpoints)
-are read with ``torch.load(weights_only=True)`` only.
+Legacy ``.ckpt``/``.pt`` files (e.g. the official Lightning checkpoints) are read by
+``shared.legacy_checkpoint``: tensors come out, any other object stays an inert record, no code ever runs.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -152,17 +153,23 @@ def load_trainer_state(path: PathLike) -> Optional[Dict[str, Any]]:
         raise CheckpointError(f"refusing {f}: damaged, or not plain tensors and containers ({error_line(e)})") from None
 
 
-def load_weights(module: torch.nn.Module, path: PathLike, *, kind: Optional[str] = None) -> Dict[str, Any]:
-    """Load a checkpoint into ``module`` strictly (every key present, no extra, same shapes); return meta."""
+def read_checkpoint(path: PathLike, *, kind: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(meta, weights) of a checkpoint, refusing one of another ``kind``."""
     meta = load_meta(path)
     if kind is not None and meta["kind"] != kind:
         raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {kind!r}")
-    load_strict(module, load_state_dict(path), source=str(path))
+    return meta, load_state_dict(path)
+
+
+def load_weights(module: torch.nn.Module, path: PathLike, *, kind: Optional[str] = None) -> Dict[str, Any]:
+    """Load a checkpoint into ``module`` strictly (every key present, no extra, same shapes); return meta."""
+    meta, state_dict = read_checkpoint(path, kind=kind)
+    load_strict(module, state_dict, source=str(path))
     return meta
 
 
-def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state_dict") -> None:
-    """``load_state_dict(strict=True)`` with shape checks and a one-line, readable error."""
+def check_matches(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state_dict") -> None:
+    """The keys and shapes of ``state_dict`` are exactly ``module``'s, or a one-line ``CheckpointError``."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -173,15 +180,20 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+
+
+def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state_dict") -> None:
+    """``load_state_dict(strict=True)`` with shape checks and a one-line, readable error."""
+    check_matches(module, state_dict, source)
     module.load_state_dict(state_dict, strict=True)
 
 
 def load_legacy(path: PathLike) -> Any:
-    """Read a pickle-based ``.ckpt``/``.pt`` file safely: tensors and plain containers only, never code."""
-    try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler's message names the refused global
-        raise CheckpointError(f"refusing to load {path}: not a plain tensor checkpoint ({error_line(e)})") from e
+    """Read a pickle-based ``.ckpt``/``.pt`` file safely (``shared.legacy_checkpoint.load``): tensors, plain
+    containers and inert records of every other object; never code."""
+    from shared.legacy_checkpoint import load
+
+    return load(path)
 
 
 def state_dict_of(ckpt: object) -> Dict[str, torch.Tensor]:

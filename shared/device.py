@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from shared.runlog import set_rank
+
 _BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 
 
@@ -82,6 +84,7 @@ def init_distributed(prefer: Optional[str] = None) -> DistInfo:
         accelerator_module(kind).set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=_BACKENDS[kind])
+    set_rank(rank)  # every log line from now on carries this rank (and only rank 0 logs info)
     return DistInfo(rank, local_rank, world, device)
 
 

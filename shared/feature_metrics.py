@@ -1,10 +1,12 @@
-"""Metrics on Inception features (``shared.inception``): FID, Inception Score, precision and recall.
+"""Metrics on Inception features (``shared.inception``): FID / sFID, Inception Score, precision and recall.
 
 - FID: Frechet distance of the Gaussians (mean, unbiased covariance) fitted to two feature sets, in float64.
   The same quantity as pytorch-fid, torch-fidelity and the ADM evaluator, which take scipy's ``sqrtm`` of
   S1 S2; we get tr (S1 S2)^1/2 from two symmetric eigendecompositions instead (about 10x faster at 2048-d on
   CPU, and no complex round-off on near-singular covariances). Used for the tokenizer's rFID (originals vs
-  reconstructions) and the generator's FID (samples vs reference batch).
+  reconstructions) and the generator's FID (samples vs reference batch). sFID is the same distance on the
+  spatial features (``shared.inception``: ``mixed_6/conv``, first 7 channels, 2023-d), as the ADM evaluator
+  defines it.
 - Inception Score: torch-fidelity's formula on the 1008-way logits (10 splits, shuffle seed 2020).
 - Precision / recall: the k-NN manifold estimate of Kynkaanniemi et al. (2019), k = 3 on the 2048-d pool
   features, as the ADM evaluator computes it (torch-fidelity 0.3 has none). Computed in row blocks without
@@ -14,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -185,7 +187,13 @@ def _block_rows(n_cols: int, block_bytes: int) -> int:
     return max(1, block_bytes // (4 * max(1, n_cols)))
 
 
-def _sq_radii(x: _Points, k: int, block_bytes: int) -> torch.Tensor:
+def _tiles(n: int, block_bytes: int) -> int:
+    """How many square tiles ``_sq_radii`` visits for n points (its progress total)."""
+    t = -(-n // max(1, min(n, math.isqrt(block_bytes // 4))))
+    return t * (t + 1) // 2
+
+
+def _sq_radii(x: _Points, k: int, block_bytes: int, tick: Callable[[], None] = lambda: None) -> torch.Tensor:
     """float64 squared distance of each point to its k-th nearest other point (CPU, (N,)).
 
     The symmetric N x N float32 matrix is visited in square tiles of its upper triangle, each read by rows
@@ -219,6 +227,7 @@ def _sq_radii(x: _Points, k: int, block_bytes: int) -> torch.Tensor:
             take(r0, c0, s)
             if c0 != r0:
                 take(c0, r0, s.T)
+            tick()
     row, col, val = (torch.cat(part) for part in zip(*kept))
     final = val <= _float32_above(best[:, -1].double() + 2 * delta)[row]
     row, col = row[final].cpu(), col[final].cpu()
@@ -236,7 +245,7 @@ def knn_radii(features: Features, k: int = 3, device: Optional[Union[str, torch.
 
 
 def _coverages(fake: _Points, real: _Points, sq_r_fake: torch.Tensor, sq_r_real: torch.Tensor,
-               block_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+               block_bytes: int, tick: Callable[[], None] = lambda: None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(each fake point in some real ball, each real point in some fake ball) from one pass over fake x real."""
     dev = real.x32.device
     r_real, r_fake = sq_r_real.to(dev), sq_r_fake.to(dev)
@@ -262,22 +271,30 @@ def _coverages(fake: _Points, real: _Points, sq_r_fake: torch.Tensor, sq_r_real:
         p, c = maybe.nonzero().cpu().unbind(1)
         hit = _exact_sq(fake.x64, p + r0, real.x64, c) <= sq_r_fake[p + r0]
         in_fake[c[hit].to(dev)] = True
+        tick()
     return in_real, in_fake
 
 
 def precision_recall(real: Features, fake: Features, k: int = 3, *,
                      device: Optional[Union[str, torch.device]] = None,
-                     block_bytes: int = _BLOCK_BYTES) -> Dict[str, float]:
+                     block_bytes: int = _BLOCK_BYTES, show_progress: bool = False) -> Dict[str, float]:
     """Precision: share of fakes inside the real manifold; recall: share of reals inside the fake one.
 
     The GEMMs run on ``device`` (default CPU); memory beyond the inputs is a float32 copy of both sets plus
-    a few ``block_bytes`` blocks (0.98 GiB measured for 50,000 x 2,048 features on the CPU).
+    a few ``block_bytes`` blocks (0.98 GiB measured for 50,000 x 2,048 features on the CPU). With
+    ``show_progress``, progress in distance blocks with an ETA (``shared.progress``).
     """
+    from shared.progress import progress
+
     dev = torch.device(device or "cpu")
     real, fake = torch.as_tensor(_float64(real)), torch.as_tensor(_float64(fake))
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sets must be (N, D) of one width, got {tuple(real.shape)} and {tuple(fake.shape)}")
     r = _Points(real, dev)
     f = _Points(fake, dev, centre=r.x64.mean(0))  # one centre: cross distances are between the two copies
-    in_real, in_fake = _coverages(f, r, _sq_radii(f, k, block_bytes), _sq_radii(r, k, block_bytes), block_bytes)
+    total = _tiles(len(f), block_bytes) + _tiles(len(r), block_bytes) + -(-len(f) // _block_rows(len(r), block_bytes))
+    bar = progress(desc="precision / recall", total=total, unit="block", disable=not show_progress)
+    radii = _sq_radii(f, k, block_bytes, bar.update), _sq_radii(r, k, block_bytes, bar.update)
+    in_real, in_fake = _coverages(f, r, *radii, block_bytes, bar.update)
+    bar.close()
     return {"precision": float(in_real.double().mean()), "recall": float(in_fake.double().mean())}

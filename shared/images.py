@@ -8,7 +8,7 @@ We *round* instead (half to even, after clamping to [-1, 1]). Truncation is not 
 ``v / 127.5 - 1``: in float32 it turns levels 1..63 of an untouched image into ``v - 1``, so a perfect
 reconstruction would not give back its own pixels; rounding returns every level exactly and is unbiased
 (truncation darkens by half a level on average). The price: a saved pixel can be one level above the
-official one (where the scaled value's fraction is >= 0.5; tests/test_images.py checks both facts).
+official one (where the scaled value's fraction is >= 0.5; tests/shared/test_images.py checks both facts).
 """
 from __future__ import annotations
 

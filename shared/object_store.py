@@ -11,9 +11,14 @@ Three clients read the same objects: boto3 (manifests, publishing), Streaming (M
 and Lance (its own Rust object store, given ``lance_options()``: the credentials boto3 resolved, so a
 profile works for it as well). Failures become ``StoreError`` with one line naming the URI and the cause
 (no such bucket, access denied, no credentials, endpoint unreachable).
+
+dataprep also reads its *inputs* here (``--data s3://...``): ``list_entries`` (keys with sizes and ETags),
+``get_bytes`` (one image of a folder) and ``ObjectReader`` (a Parquet file or a tar as a seekable file,
+read by ranged GETs pinned to the ETag listed).
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -57,8 +62,7 @@ def configure(endpoint_url: Optional[str] = None) -> Optional[str]:
     handed to Streaming, which reads only ``S3_ENDPOINT_URL``.
     """
     if endpoint_url:
-        if not endpoint_url.startswith(("http://", "https://")):
-            raise StoreError(f"S3 endpoint URL {endpoint_url!r} must start with http:// or https://")
+        check_endpoint_url(endpoint_url)
         for var in ENDPOINT_VARS:
             os.environ[var] = endpoint_url
         return endpoint_url
@@ -66,6 +70,12 @@ def configure(endpoint_url: Optional[str] = None) -> Optional[str]:
     if current:
         os.environ[STREAMING_ENDPOINT_VAR] = current
     return current
+
+
+def check_endpoint_url(endpoint_url: Optional[str]) -> None:
+    """An endpoint option's form, checked before any work (``configure`` checks it again when it applies it)."""
+    if endpoint_url and not endpoint_url.startswith(("http://", "https://")):
+        raise StoreError(f"S3 endpoint URL {endpoint_url!r} must start with http:// or https://")
 
 
 def endpoint() -> Optional[str]:
@@ -150,11 +160,14 @@ def get_bytes(uri: str) -> Optional[bytes]:
     """The object's bytes, or None when the bucket exists and the object does not."""
     bucket, key = split_uri(uri)
     try:
-        return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        data = client().get_object(Bucket=bucket, Key=key)["Body"].read()
     except Exception as e:
         if _is_missing(e):
             return None
         raise StoreError(describe(e, uri)) from None
+    read_counters["requests"] += 1
+    read_counters["bytes"] += len(data)
+    return data
 
 
 def head(uri: str) -> Optional[Dict[str, Any]]:
@@ -204,15 +217,8 @@ def download_file(uri: str, path: str) -> None:
 
 def list_objects(prefix_uri: str) -> Iterator[Tuple[str, int]]:
     """(key relative to the prefix, size) of every object under ``prefix_uri`` (a directory-like prefix)."""
-    bucket, key = split_uri(prefix_uri)
-    prefix = key.rstrip("/") + "/" if key else ""
-    try:
-        pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                yield obj["Key"][len(prefix):], int(obj["Size"])
-    except Exception as e:
-        raise StoreError(describe(e, prefix_uri)) from None
+    for key, size, _ in list_entries(prefix_uri):
+        yield key, size
 
 
 def delete(uris) -> None:
@@ -223,3 +229,101 @@ def delete(uris) -> None:
             c.delete_object(Bucket=bucket, Key=key)
         except Exception as e:
             raise StoreError(describe(e, uri)) from None
+
+
+# --- reading source data (dataprep's s3:// inputs) ---------------------------------------------------------
+
+# Bytes and requests this process fetched through ``get_bytes``, ``fetch_range`` and ``ObjectReader`` (benchmarks).
+read_counters: Dict[str, int] = {"requests": 0, "bytes": 0}
+
+
+def list_entries(prefix_uri: str) -> Iterator[Tuple[str, int, str]]:
+    """(key relative to the prefix, size, ETag) of every object under ``prefix_uri`` (a directory-like
+    prefix); the ETag without its quotes, as the store reports it (a content hash for single-part uploads)."""
+    bucket, key = split_uri(prefix_uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    try:
+        pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(prefix):], int(obj["Size"]), str(obj.get("ETag", "")).strip('"')
+    except Exception as e:
+        raise StoreError(describe(e, prefix_uri)) from None
+
+
+def fetch_range(uri: str, start: int, stop: int, etag: Optional[str] = None) -> bytes:
+    """Bytes ``[start, stop)`` of an object; with ``etag``, refused (one line) if the object changed since."""
+    bucket, key = split_uri(uri)
+    args: Dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{stop - 1}"}
+    if etag:
+        args["IfMatch"] = f'"{etag}"'
+    try:
+        data = client().get_object(**args)["Body"].read()
+    except Exception as e:
+        from botocore.exceptions import ClientError
+
+        if isinstance(e, ClientError) and str(e.response.get("Error", {}).get("Code", "")) in (
+                "PreconditionFailed", "412"):
+            raise StoreError(f"{redact(uri)}: the object changed while it was being read (ETag is no longer "
+                             f"{etag})") from None
+        raise StoreError(describe(e, uri)) from None
+    read_counters["requests"] += 1
+    read_counters["bytes"] += len(data)
+    return data
+
+
+class ObjectReader(io.RawIOBase):
+    """One object as a read-only, seekable binary file (what ``tarfile`` and pyarrow's Parquet reader take),
+    read by ranged GETs of at least ``block`` bytes: a sequential reader pays one request per block, a
+    reader that seeks (Parquet's footer, then its column chunks) only for the ranges it reads. With ``etag``
+    every request is conditional on it, so an object replaced mid-read is an error, never a mix."""
+
+    def __init__(self, uri: str, size: int, etag: Optional[str] = None, block: int = 1 << 20):
+        super().__init__()
+        self.uri, self.size, self.etag, self.block = uri, int(size), etag, max(1, int(block))
+        self._pos = 0
+        self._buf, self._buf_start = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, b) -> int:
+        view = memoryview(b).cast("B")
+        want = min(len(view), max(0, self.size - self._pos))
+        done = 0
+        while done < want:
+            pos = self._pos + done
+            offset = pos - self._buf_start
+            if not 0 <= offset < len(self._buf):
+                self._buf = fetch_range(self.uri, pos, min(self.size, pos + max(self.block, want - done)), self.etag)
+                self._buf_start, offset = pos, 0
+                if not self._buf:
+                    break
+            n = min(want - done, len(self._buf) - offset)
+            view[done:done + n] = self._buf[offset:offset + n]
+            done += n
+        self._pos += done
+        return done
+
+    def read(self, size: int = -1) -> bytes:
+        """Exactly ``size`` bytes unless the object ends first (all the rest for a negative ``size``)."""
+        n = self.size - self._pos if size is None or size < 0 else size
+        buf = bytearray(max(0, min(n, self.size - self._pos)))
+        got = self.readinto(buf)
+        return bytes(buf[:got])
+
+    def readall(self) -> bytes:
+        return self.read(-1)

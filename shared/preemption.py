@@ -22,15 +22,15 @@ decision to the trainer.
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
 from typing import Any, Dict, Optional, Sequence
 
 from shared import collectives
+from shared.runlog import get_logger
 
-log = logging.getLogger("shared.preemption")
+log = get_logger("shared.preemption")  # labelled with the process's rank, like every run line
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -59,9 +59,26 @@ def release_workers(loader: Any) -> None:
     interpreter exit, multiprocessing would SIGTERM and then wait for them forever. A loader whose iterator
     is gone (plain DataLoader, closed generator) has already done this.
     """
-    shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
+    stop_workers(getattr(loader, "_iterator", None))
+
+
+def stop_workers(iterator: Any, timeout: float = 5.0) -> None:
+    """Shut down a DataLoader iterator's worker processes, and kill those still alive after ``timeout`` s.
+
+    PyTorch asks its workers to finish, waits a while, then ends the stragglers with SIGTERM, which ours
+    ignore (``worker_ignores_signals``): a worker stuck after a data error (a download thread that never
+    ends) would then outlive the trainer, whose exit waits on it for ever. SIGKILL cannot be ignored.
+    """
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    shutdown()
+    for w in getattr(iterator, "_workers", ()):
+        w.join(timeout=timeout)
+        if w.is_alive():
+            log.warning("loader worker %s did not exit; killing it", w.pid)
+            w.kill()
+            w.join(timeout=timeout)
 
 
 class Preemption:

@@ -4,12 +4,24 @@ Each stage's ``TrainConfig`` inherits these fields and adds its own; a preset ma
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from shared.config import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+TRACKERS = ("none", "wandb")
+WANDB_MODES = ("", "online", "offline")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases settings, used with ``tracker=wandb`` (``shared.runlog.RunLogger``)."""
+    project: str = ""                  # required with tracker=wandb
+    entity: str = ""                   # team or user (default: the logged-in account's)
+    name: str = ""                     # run name (default: out_dir's last part)
+    mode: str = ""                     # online | offline (default: WANDB_MODE, else online)
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,8 @@ class RunConfig:
     keep_last: int = 3                 # keep the newest N step-* checkpoints; 0 keeps all
     log_every: int = 10                # metrics every N steps: the only steps that wait for the device
     tensorboard: bool = True
+    tracker: str = "none"              # none | wandb: also log the scalars and images to W&B (wandb.* below)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     threads: int = 0                   # > 0: torch.set_num_threads (CPU runs)
     compile: bool = False              # torch.compile the model's blocks (Stage 2) / encoder + decoder (Stage 1)
 
@@ -42,3 +56,20 @@ def check_run_config(cfg: RunConfig, precisions: Sequence[str] = PRECISIONS) -> 
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.out_dir:
         raise ConfigError("out_dir is required")
+    check_tracker(cfg)
+
+
+def check_tracker(cfg: RunConfig) -> None:
+    """``tracker`` and ``wandb.*``: known values, a project, and the package installed (checked without
+    importing it: nothing heavy before the run starts)."""
+    if cfg.tracker not in TRACKERS:
+        raise ConfigError(f"tracker must be one of {', '.join(TRACKERS)}, got {cfg.tracker!r}")
+    if cfg.tracker != "wandb":
+        return
+    if not cfg.wandb.project:
+        raise ConfigError("tracker=wandb needs wandb.project=NAME")
+    if cfg.wandb.mode not in WANDB_MODES:
+        raise ConfigError(f"wandb.mode must be online or offline (or empty for WANDB_MODE), got {cfg.wandb.mode!r}")
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("tracker=wandb needs the wandb package, which is not installed: pip install wandb "
+                          "(or the project's dev extra), or use tracker=none")

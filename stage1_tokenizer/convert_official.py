@@ -1,11 +1,16 @@
 """Convert an official Open-MAGVIT2 tokenizer checkpoint (Lightning .ckpt) into our checkpoint format.
 
     python -m stage1_tokenizer.convert_official imagenet_256_L.ckpt runs/tok-official-256 --weights ema
+    python -m stage1_tokenizer.convert_official hf://TencentARC/Open-MAGVIT2-Tokenizer-256-resolution OUT
 
 What it does:
-* reads the file with ``torch.load(weights_only=True)`` (tensors and plain containers only, never code);
+* takes the file from a local path or the Hugging Face Hub (``shared.model_ref``: hf://ORG/REPO[/FILE][@REV]);
+* reads it with ``shared.legacy_checkpoint`` (tensors come out; any other object of a Lightning file stays an
+  inert record, never code);
 * picks the weight set: ``ema`` = the LitEma copies, stored as ``model_ema.<name with the dots removed>``
-  (the official evaluation uses these), or ``raw`` = the plain ``encoder.*``/``decoder.*`` tensors;
+  (the official evaluation uses these), or ``raw`` = the plain ``encoder.*``/``decoder.*`` tensors (the official
+  AR recipe encodes its tokens with these: convert with ``--weights raw`` to encode a dataset for AR training);
+  the checkpoint written records the set (``extra["weights"]``, see ``stage1_tokenizer.exports``);
 * infers the architecture from the tensor shapes and matches it to one of our presets;
 * renames every tensor from the official module names to ours (one rule table, ``official_name``);
 * permutes the upsampling convs: the official depth-to-space is DCR order (output pixel (dy, dx) of channel
@@ -15,10 +20,37 @@ What it does:
 
 ``convert_tokenizer_state`` is the reusable core: the Stage-2 converter calls it on the
 ``first_stage_model.`` part of an official AR checkpoint (which holds raw weights only).
+
+``resolve_tokenizer(ref)`` (behind ``Tokenizer.from_pretrained``) turns any model reference into a tokenizer
+checkpoint directory, converting an official file (a tokenizer release, or the tokenizer half of an AR
+release) once and caching the result by the file's sha256.
 """
 from __future__ import annotations
 
 import argparse
+
+WEIGHT_SETS = ("ema", "raw")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line (light: built and parsed before the heavy imports below)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt", help="official tokenizer checkpoint: a .ckpt file or hf://ORG/REPO[/FILE][@REVISION]")
+    p.add_argument("out", help="output checkpoint directory (an existing one is replaced only if it is a tokenizer "
+                               "checkpoint, or with --overwrite)")
+    p.add_argument("--weights", choices=WEIGHT_SETS, default="ema",
+                   help="ema (default): the EMA weights, for reconstruction evaluation (what the official "
+                        "evaluation uses); raw: the generator's weights, for encoding tokens for AR training (what "
+                        "the official AR recipe encodes with and the official AR checkpoints carry). OUT records "
+                        "the set (config.json extra.weights), and the token datasets encoded with it do")
+    p.add_argument("--config", default=None, help="preset to use instead of inferring it from the shapes")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT even if it is not a tokenizer checkpoint")
+    return p
+
+
+if __name__ == "__main__":  # --help and argument errors answer before the heavy imports below
+    _parser().parse_args()
+
 import re
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Tuple
@@ -26,12 +58,14 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from shared.checkpoint import CheckpointError, check_checkpoint_output, load_legacy, load_strict, state_dict_of
+from shared import model_ref
+from shared.checkpoint import CheckpointError, check_checkpoint_output, load_strict
+from shared.legacy_checkpoint import load_state_dict
 from stage1_tokenizer.config import PRESETS, TokenizerConfig
 from stage1_tokenizer.tokenizer import CHECKPOINT_KIND, Tokenizer
 
-WEIGHT_SETS = ("ema", "raw")
 EMA_PREFIX = "model_ema."
+AR_FILE_PREFIX = "first_stage_model."  # the tokenizer half of an official AR file (raw weights)
 
 # Our module path -> official module path, applied in order to a full parameter name (first match wins for
 # the module part; the residual-block leaf renames apply after it).
@@ -163,37 +197,57 @@ def empty_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
 
 
 def load_official(
-    path: str | Path, weights: str = "ema", cfg: Optional[TokenizerConfig] = None
+    path: str | Path, weights: Optional[str] = "ema", cfg: Optional[TokenizerConfig] = None
 ) -> Tuple[Tokenizer, Dict[str, object]]:
-    """Official .ckpt -> our Tokenizer (eval mode, strictly loaded) and a small provenance record."""
-    sd = state_dict_of(load_legacy(path))
-    cfg = cfg or infer_config(sd, weights=weights)
+    """Official .ckpt -> our Tokenizer (eval mode, strictly loaded) and a small provenance record.
+
+    The tokenizer is found at the top of the state dict (a tokenizer release) or under ``first_stage_model.``
+    (an AR release). ``weights=None`` picks the EMA weights when the file has them, else the raw ones.
+    """
+    sd = load_state_dict(path)
+    prefix = AR_FILE_PREFIX if any(k.startswith(AR_FILE_PREFIX) for k in sd) else ""
+    if weights is None:
+        weights = "ema" if any(k.startswith(prefix + EMA_PREFIX) for k in sd) else "raw"
+    cfg = cfg or infer_config(sd, prefix, weights)
     model = empty_tokenizer(cfg)
-    load_strict(model, convert_tokenizer_state(sd, weights=weights, cfg=cfg), source=str(path))
+    load_strict(model, convert_tokenizer_state(sd, prefix, weights, cfg), source=str(path))
     info = {"converted_from": Path(path).name, "weights": weights, "format": "open-magvit2-official-lightning"}
+    if prefix:
+        info["prefix"] = prefix
     for key in ("model_ema.num_updates",):
         if key in sd:
             info[key] = int(sd[key])
     return model.eval(), info
 
 
+def resolve_tokenizer(ref, weights: Optional[str] = None) -> model_ref.Resolved:
+    """A model reference (checkpoint directory, official file, hf://...) -> a tokenizer checkpoint directory.
+
+    ``weights``: "ema" / "raw", or None: EMA when the file has them (tokenizer releases), else raw (the
+    tokenizer half of an AR release, which the official sampler decodes with).
+    """
+    if weights is not None:
+        _check_weights(weights)
+    variant = "tokenizer" if weights is None else f"tokenizer-{weights}"
+
+    def convert(file: Path, root: Path, source: Dict[str, object]) -> None:
+        model, info = load_official(file, weights)
+        model.save(root / variant, extra={**info, "source": source})
+
+    return model_ref.resolve(ref, kind=CHECKPOINT_KIND, variant=variant, convert=convert)
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", help="official tokenizer checkpoint (.ckpt)")
-    p.add_argument("out", help="output checkpoint directory (an existing one is replaced only if it is a tokenizer "
-                               "checkpoint, or with --overwrite)")
-    p.add_argument("--weights", choices=WEIGHT_SETS, default="ema", help="EMA weights (default) or the raw ones")
-    p.add_argument("--config", default=None, help="preset to use instead of inferring it from the shapes")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT even if it is not a tokenizer checkpoint")
-    args = p.parse_args(argv)
-    if not Path(args.ckpt).is_file():
+    args = _parser().parse_args(argv)
+    if not model_ref.is_hub_ref(args.ckpt) and not Path(args.ckpt).is_file():
         raise SystemExit(f"error: no such file: {args.ckpt}")
     if args.config is not None and args.config not in PRESETS:
         raise SystemExit(f"error: unknown preset {args.config!r}; choose from {', '.join(sorted(PRESETS))}")
     try:
         check_checkpoint_output(args.out, CHECKPOINT_KIND, overwrite=args.overwrite)  # before reading the file
-        model, info = load_official(args.ckpt, args.weights, PRESETS.get(args.config))
-        out = model.save(args.out, extra=info, overwrite=args.overwrite)
+        source = model_ref.official_file(args.ckpt)
+        model, info = load_official(source.path, args.weights, PRESETS.get(args.config))
+        out = model.save(args.out, extra={**info, "source": source.record()}, overwrite=args.overwrite)
     except (CheckpointError, ValueError) as e:  # OutputError is a ValueError
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # e.g. the disk filled up while writing: the old OUT is still in place

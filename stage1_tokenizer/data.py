@@ -204,10 +204,4 @@ def make_eval_loader(dataset: ImageFolderDataset, batch_size: int, num_workers: 
                       num_workers=num_workers, collate_fn=collate, drop_last=False)
 
 
-def steps_per_epoch(n_images: int, global_batch: int, world_size: int = 1) -> int:
-    """Optimizer steps in one pass over the data (the epoch used by the LR milestones)."""
-    return max(1, (n_images // world_size) * world_size // global_batch)
-
-
-__all__ = ["find_images", "ImageFolderDataset", "EpochSampler", "make_train_loader", "make_eval_loader",
-           "steps_per_epoch", "collate"]
+__all__ = ["find_images", "ImageFolderDataset", "EpochSampler", "make_train_loader", "make_eval_loader", "collate"]

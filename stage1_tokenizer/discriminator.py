@@ -26,15 +26,15 @@ class PatchDiscriminator(nn.Module):
                        nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)
-        self.reset_parameters()
+        self._official_init()
 
-    def reset_parameters(self) -> None:
-        # pix2pix init: conv weights N(0, 0.02); BN scale N(1, 0.02), shift 0
+    def _official_init(self) -> None:
+        # pix2pix init, as the official ``weights_init``: conv weights N(0, 0.02), conv biases keep PyTorch's
+        # default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) drawn at construction; BN scale N(1, 0.02), shift 0.
+        # The draws follow module order, so a seed gives the official initial weights.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)

@@ -2,6 +2,10 @@
 
 The EMA copy is what evaluation and export use (reference §3: ``use_ema: True``). Buffers (none in the
 tokenizer today besides non-persistent LFQ tables) are copied, not averaged.
+
+The decay is rounded to float32, as the official ``LitEma`` keeps it in a float32 buffer: 0.999 becomes
+0.99900001287..., so each update moves the average by 9.9998713e-4 (not 1e-3) of the gap to the weights.
+(The official EMA also shadows the discriminator; that copy is never used, so it is not kept here.)
 """
 from __future__ import annotations
 
@@ -12,17 +16,22 @@ import torch
 from torch import nn
 
 
+def float32_decay(decay: float) -> float:
+    """``decay`` as the float32 number the official LitEma buffer holds (exactly representable as a float)."""
+    return float(torch.tensor(decay, dtype=torch.float32))
+
+
 class EMA(nn.Module):
     def __init__(self, model: nn.Module, decay: float = 0.999):
         super().__init__()
-        self.decay = decay
+        self.decay = float32_decay(decay)
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """ema <- decay * ema + (1 - decay) * current, parameter by parameter."""
+        """ema <- ema - (1 - decay) * (ema - current), parameter by parameter (1 - decay is exact in float32)."""
         ema_params = dict(self.model.named_parameters())
         for name, p in model.named_parameters():
             ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - self.decay)

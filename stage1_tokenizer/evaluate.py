@@ -3,6 +3,10 @@
     python -m stage1_tokenizer.evaluate --ckpt runs/tok/final --data /data/imagenet/val --resolution 256 \
         [--inception pt_inception-2015-12-05-6726825d.pth] [--lpips-weights vgg16-397923af.pth] \
         [--limit 5000] --out results.json
+    python -m stage1_tokenizer.evaluate --tokenizer hf://TencentARC/Open-MAGVIT2-Tokenizer-256-resolution ...
+
+The tokenizer (``--ckpt`` or ``--tokenizer``) is any model reference (``shared.model_ref``); the results'
+config records where it came from (``tokenizer_source``: file sha256, Hub repo and commit).
 
 Images: shorter side resized to R, centre crop, [-1, 1]; reconstructions clamped to [-1, 1]; both converted
 to uint8 by ``shared.images.to_uint8`` for every metric. rFID compares the originals with their
@@ -21,6 +25,34 @@ unavailable with the reason; ``--require lpips,rfid`` turns that into an error.
 from __future__ import annotations
 
 import argparse
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line (light: built and parsed before the heavy imports below)."""
+    p = argparse.ArgumentParser(prog="python -m stage1_tokenizer.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", "--tokenizer", dest="ckpt", required=True,
+                   help="the tokenizer: a checkpoint directory (e.g. RUN/final), an official .ckpt, or "
+                        "hf://ORG/REPO[/FILE][@REVISION] (official files are converted once and cached)")
+    p.add_argument("--data", required=True, help="image folder (root/<class>/<img> or plain)")
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="FID InceptionV3 weights, the pt_inception-*.pth file (default: $TORCH_HOME/hub/checkpoints/)")
+    p.add_argument("--lpips-weights", default=None, help="VGG16 trunk for LPIPS-VGG (torchvision vgg16-397923af.pth)")
+    p.add_argument("--lpips-alex-weights", default=None, help="AlexNet trunk for LPIPS-Alex (alexnet-owt-7be5be79.pth)")
+    p.add_argument("--require", default="", help="comma list of metrics that must be computed: lpips_vgg,lpips_alex,rfid")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the results as JSON here (a new file, or this tool's results)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not this tool's results")
+    return p
+
+
+if __name__ == "__main__":  # --help and argument errors answer before the heavy imports below
+    _parser().parse_args()
+
 import json
 import time
 from pathlib import Path
@@ -135,23 +167,7 @@ def is_results_file(path: Path) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m stage1_tokenizer.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="tokenizer checkpoint directory (e.g. RUN/final)")
-    p.add_argument("--data", required=True, help="image folder (root/<class>/<img> or plain)")
-    p.add_argument("--resolution", type=int, required=True)
-    p.add_argument("--inception", default=None, metavar="PATH",
-                   help=f"FID InceptionV3 weights {inc.INCEPTION_FILE} (default: $TORCH_HOME/hub/checkpoints/)")
-    p.add_argument("--lpips-weights", default=None, help="VGG16 trunk for LPIPS-VGG (torchvision vgg16-397923af.pth)")
-    p.add_argument("--lpips-alex-weights", default=None, help="AlexNet trunk for LPIPS-Alex (alexnet-owt-7be5be79.pth)")
-    p.add_argument("--require", default="", help="comma list of metrics that must be computed: lpips_vgg,lpips_alex,rfid")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="write the results as JSON here (a new file, or this tool's results)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not this tool's results")
-    args = p.parse_args(argv)
+    args = _parser().parse_args(argv)
 
     from shared.atomic import check_output_file
     from shared.checkpoint import CheckpointError, error_line
@@ -181,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     except (RuntimeError, ValueError) as e:  # OutputError is a ValueError
         raise SystemExit(f"error: {e}") from None
     try:
-        tok = Tokenizer.from_checkpoint(args.ckpt, device=device)
+        tok = Tokenizer.from_pretrained(args.ckpt, device=device)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: cannot load tokenizer from {args.ckpt}: {e}")
     if args.resolution % tok.downsample_factor:
@@ -226,8 +242,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f"error: {args.data}: {error_line(e)}") from None
     results["seconds"] = round(time.time() - t0, 2)
     results["unavailable"] = unavailable
-    results["config"] = {"ckpt": str(args.ckpt), "data": str(args.data), "resolution": args.resolution,
-                         "limit": args.limit, "precision": args.precision, "preset": tok.cfg.preset,
+    results["config"] = {"ckpt": str(args.ckpt), "tokenizer_source": tok.provenance, "data": str(args.data),
+                         "resolution": args.resolution, "limit": args.limit, "precision": args.precision, "preset": tok.cfg.preset,
                          "world_size": info.world_size}
     if info.distributed and not was_active:
         cleanup_distributed()

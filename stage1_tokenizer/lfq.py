@@ -212,11 +212,16 @@ class LFQ(nn.Module):
 
     def forward(self, z: Tensor, with_losses: Optional[bool] = None) -> QuantizerOutput:
         """Quantize; the aux losses are computed when ``with_losses`` (default: in training mode), else zeros
-        (as the official eval-mode quantizer)."""
+        (as the official eval-mode quantizer).
+
+        In the latent's own dtype, as the official quantizer: ``quantized`` and the commitment loss keep it
+        (float64 stays float64, bfloat16 stays bfloat16); the entropy terms are computed in float32 or wider
+        (``entropy_terms``: the tau = 0.01 probabilities are too sharp for half precision)."""
         if z.dim() != 4 or z.shape[1] != self.bits:
             raise ValueError(f"LFQ expects (B, {self.bits}, h, w) latents, got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            z = z.float()
         with_losses = self.training if with_losses is None else with_losses
-        z = z.float()
         q = sign_quantize(z, self.scale)
         quantized = z + (q - z).detach()
         indices = bits_to_index(q.movedim(1, -1))

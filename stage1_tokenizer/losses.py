@@ -32,6 +32,8 @@ TRUNK_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 # lpips.pretrained_networks slices the torchvision `features` Sequential at these indices.
 TRUNK_SLICES = {"vgg": (0, 4, 9, 16, 23, 30), "alex": (0, 2, 5, 8, 10, 12)}
 TRUNK_NAMES = {"vgg": "VGG16", "alex": "AlexNet"}
+# Where each trunk comes from: torchvision's model zoo (docs/evaluation-assets.md).
+TRUNK_URLS = {net: f"https://download.pytorch.org/models/{name}" for net, name in TRUNK_FILES.items()}
 
 
 class LPIPSWeightsMissing(FileNotFoundError):
@@ -45,16 +47,19 @@ def hub_checkpoint_dir() -> Path:
 
 def find_trunk_weights(net: str = "vgg", path: Optional[Union[str, Path]] = None) -> Path:
     """The trunk weight file: ``path`` if given (must exist), else the torch hub cache; clear error if absent."""
+    source = f"torchvision's ImageNet weights, {TRUNK_URLS[net]} (docs/evaluation-assets.md)"
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise LPIPSWeightsMissing(f"LPIPS {net} trunk weights not found at {p}")
+            raise LPIPSWeightsMissing(f"LPIPS {net} trunk weights not found at {p}: the ImageNet "
+                                      f"{TRUNK_NAMES[net]} trunk '{TRUNK_FILES[net]}' is {source}")
         return p
     p = hub_checkpoint_dir() / TRUNK_FILES[net]
     if not p.is_file():
         raise LPIPSWeightsMissing(
-            f"LPIPS needs the ImageNet {TRUNK_NAMES[net]} trunk '{TRUNK_FILES[net]}', not found in {p.parent} "
-            f"(set TORCH_HOME, pass an explicit weights path, or - for plumbing tests only - allow a random trunk)")
+            f"LPIPS needs the ImageNet {TRUNK_NAMES[net]} trunk '{TRUNK_FILES[net]}', not found in {p.parent}: "
+            f"{source}; put it there (set TORCH_HOME), pass an explicit weights path, or - for plumbing tests "
+            f"only - allow a random trunk")
     return p
 
 
@@ -160,8 +165,9 @@ class LeCAM(nn.Module):
     """LeCAM regulariser (Tseng et al. 2021): keep D's outputs near the EMA of the other side's outputs.
 
     reg = E[relu(D(x) - ema_fake)^2] + E[relu(ema_real - D(x_hat))^2]; the EMAs of the batch-mean logits
-    (decay 0.999, start at 0) are updated before the term is computed, as in the official code. The EMAs are
-    buffers, so they travel in the trainer state and resume exactly.
+    (decay 0.999, start at 0) are updated once per optimizer step, before the term is computed, as in the
+    official code (the trainer passes the mean over all its micro-batches). The EMAs are buffers, so they
+    travel in the trainer state and resume exactly.
     """
 
     def __init__(self, decay: float = 0.999):

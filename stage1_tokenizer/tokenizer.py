@@ -1,6 +1,7 @@
 """The Stage-1 tokenizer: encoder -> LFQ -> decoder, with the API the other stages use.
 
     tok = Tokenizer.from_checkpoint("runs/tok/step-00010000")
+    tok = Tokenizer.from_pretrained("hf://TencentARC/Open-MAGVIT2-Tokenizer-256-resolution")  # any model reference
     idx = tok.encode(images)                # (B, 3, H, W) in [-1, 1] -> (B, H/f, W/f) int64, 18-bit indices
     out = tok.decode(idx)                   # -> (B, 3, H, W)
     rec, q = tok(images)                    # training: reconstruction + QuantizerOutput (losses)
@@ -141,3 +142,17 @@ class Tokenizer(nn.Module):
         model = cls(from_dict(TokenizerConfig, meta["config"]))
         load_weights(model, path, kind=CHECKPOINT_KIND)
         return model.to(device).eval()
+
+    @classmethod
+    def from_pretrained(cls, ref: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                        weights: Optional[str] = None) -> "Tokenizer":
+        """Build from any model reference (``shared.model_ref``): a checkpoint directory, an official ``.ckpt``
+        (a tokenizer release, or the tokenizer half of an AR release) or ``hf://ORG/REPO[/FILE][@REVISION]``;
+        official files are converted once and cached. ``weights``: "ema" / "raw" (None: EMA when the file
+        has them). The provenance record (``Resolved.record()``) is kept as ``model.provenance``."""
+        from stage1_tokenizer.convert_official import resolve_tokenizer
+
+        resolved = resolve_tokenizer(ref, weights)
+        model = cls.from_checkpoint(resolved.path, device)
+        model.provenance = resolved.record()
+        return model

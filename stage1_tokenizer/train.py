@@ -6,11 +6,14 @@
 One optimizer step (manual optimisation, as the official LightningModule):
   1. G step: for each micro-batch, reconstruct, loss = L1 + LPIPS + 0.1 GAN + 0.1 entropy + 0.25 commit,
      backward (DDP syncs gradients on the last micro-batch only); Adam step; EMA update.
-  2. D step: for each micro-batch, hinge loss on D(x) vs D(x_hat.detach()) + LeCAM; backward; Adam step.
+  2. D step: D(x) and D(x_hat.detach()) for every micro-batch, one LeCAM EMA update from their mean logits,
+     hinge loss + LeCAM per micro-batch, one backward; Adam step.
 The global batch is fixed by the config; the number of micro-steps adapts to the number of processes.
 
 Outputs in ``out_dir``: config.yaml, metrics.jsonl (+ tb/), images/, step-NNNNNNNN/ checkpoints (the last K),
-and final/: a plain "tokenizer" checkpoint holding the EMA weights, loadable by ``Tokenizer.from_checkpoint``.
+and both weight sets as plain "tokenizer" checkpoints, loadable by ``Tokenizer.from_checkpoint``: final/ (EMA:
+reconstruction evaluation) and final-raw/ (raw: encoding tokens for AR training, as the official recipe);
+see ``stage1_tokenizer.exports``.
 
 SIGTERM / SIGINT (preemption, time limits, Ctrl-C): the optimizer step in progress finishes, a checkpoint of
 that step is written exactly as a periodic one, and the process exits with status 128 + signal (143 for
@@ -22,10 +25,19 @@ the RNG states and data-loader position of every rank.
 """
 from __future__ import annotations
 
+from shared.config import train_main
+from stage1_tokenizer.train_config import PRESETS, TrainConfig
+
+CLI = dict(prog="python -m stage1_tokenizer.train", doc=__doc__, config_cls=TrainConfig, presets=PRESETS,
+           default="tokenizer-demo")
+
+if __name__ == "__main__":  # --help, --print-config and config errors answer before the heavy imports below
+    raise SystemExit(train_main(None, **CLI, run="stage1_tokenizer.train:train"))
+
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,20 +48,24 @@ from shared import collectives
 from shared.config import ConfigError, to_dict
 from shared.device import DistInfo, autocast, cleanup_distributed, init_distributed
 from shared.preemption import release_workers
-from shared.rng import rng_state, seed_everything, set_rng_state
-from shared.run_checkpoints import save_training_checkpoint
+from shared.rng import seed_everything, set_rng_state
 from shared.runlog import get_logger, progress
-from shared.training_run import TrainingRun, train_main
-from stage1_tokenizer.data import ImageFolderDataset, make_eval_loader, make_train_loader, steps_per_epoch
+from shared.training_run import PEAK_KEPT, RESCHEDULED, TrainingRun, run_length, steps_per_epoch, warn_long_warmup
+from stage1_tokenizer.data import ImageFolderDataset, make_eval_loader, make_train_loader
 from stage1_tokenizer.discriminator import PatchDiscriminator
 from stage1_tokenizer.ema import EMA
+from stage1_tokenizer.exports import EXPORT_DIRS
 from stage1_tokenizer.losses import FrozenLPIPS, LeCAM, hinge_d_loss, non_saturating_g_loss
 from stage1_tokenizer.metrics import batch_usage, psnr_per_image, to_uint8
 from stage1_tokenizer.tokenizer import CHECKPOINT_KIND as TOKENIZER_KIND
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage1_tokenizer.train_config import PRESETS, TrainConfig
+from stage1_tokenizer.train_config import DISC_START_BOOKKEEPING
 
-CHECKPOINT_KIND = "tokenizer-train"
+TRAIN_CHECKPOINT_KIND = "tokenizer-train"  # generator + EMA + discriminator: not a loadable tokenizer
+# the keys a resume may change, and what it then does (the LR lambda is rebuilt from the config every run)
+SCHEDULE_KEYS = {**{k: RESCHEDULED for k in ("max_steps", "epochs", "data.global_batch", "optim.lr_milestones",
+                                              "optim.lr_gamma", "optim.warmup_steps")},
+                 "optim.lr": PEAK_KEPT, "optim.disc_lr": PEAK_KEPT}
 log = get_logger("stage1.train")
 
 
@@ -77,12 +93,15 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.device = info.device
         self.world = info.world_size
-        self.run = TrainingRun(cfg, info)  # checks the run settings before any model is built
+        self.run = TrainingRun(cfg, info, schedule_keys=SCHEDULE_KEYS)  # checks the run settings before any model is built
         per_step = cfg.data.micro_batch * self.world
         if cfg.data.global_batch % per_step:
             raise ConfigError(f"data.global_batch {cfg.data.global_batch} is not a multiple of micro_batch "
                               f"{cfg.data.micro_batch} x {self.world} processes")
         self.accum = cfg.data.global_batch // per_step
+        if cfg.loss.disc_start_bookkeeping not in DISC_START_BOOKKEEPING:
+            raise ConfigError(f"loss.disc_start_bookkeeping must be one of {', '.join(DISC_START_BOOKKEEPING)}, "
+                              f"got {cfg.loss.disc_start_bookkeeping!r}")
         if not cfg.data.root:
             raise ConfigError("data.root is required (a folder of images or root/<class>/<image>)")
         if cfg.data.resolution % cfg.model.downsample_factor:
@@ -107,8 +126,10 @@ class Trainer:
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=o.disc_lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
         self.dataset = ImageFolderDataset(Path(cfg.data.root), cfg.data.resolution, train=True, seed=cfg.seed)
-        self.spe = steps_per_epoch(len(self.dataset), cfg.data.global_batch, self.world)
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.spe
+        self.spe = steps_per_epoch(len(self.dataset), cfg.data.global_batch)  # official: ceil, 5005 on ImageNet
+        self.total_steps = run_length(cfg.max_steps, cfg.epochs, self.spe)
+        if info.is_main:
+            warn_long_warmup(o.warmup_steps, self.total_steps, "the LR never reaches its peak")
         sched = lambda step: lr_factor(step, self.spe, o.lr_milestones, o.lr_gamma, o.warmup_steps)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, sched)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, sched)
@@ -153,29 +174,20 @@ class Trainer:
 
     def save(self) -> Path:
         """Collective: every rank contributes its RNG and data position; rank 0 writes the checkpoint."""
-        path = save_training_checkpoint(
-            self.out, self.step, kind=CHECKPOINT_KIND, weights=self._weights, trainer_state=self._trainer_state,
-            per_rank={"rng": rng_state(), "data": self.loader.state_dict()}, config=to_dict(self.cfg),
-            keep_last=self.cfg.keep_last, is_main=self.info.is_main)
-        log.info("saved %s", path)
-        return path
+        return self.run.save(self.step, kind=TRAIN_CHECKPOINT_KIND, weights=self._weights,
+                             trainer_state=self._trainer_state, model_config=self.cfg.model, loader=self.loader)
 
     def load(self, path: Path) -> None:
         meta = ckpt.load_meta(path)
-        if meta["kind"] != CHECKPOINT_KIND:
+        if meta["kind"] != TRAIN_CHECKPOINT_KIND:
             raise ckpt.CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, not a training checkpoint")
         sd = ckpt.load_state_dict(path)
         part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         ckpt.load_strict(self.tok, part("generator."), f"{path} (generator)")
         ckpt.load_strict(self.ema.model, part("ema."), f"{path} (ema)")
         ckpt.load_strict(self.disc, part("discriminator."), f"{path} (discriminator)")
-        st = ckpt.load_trainer_state(path)
-        if st is None:
-            raise ckpt.CheckpointError(f"{path} has no trainer_state.pt")
-        if st["world_size"] != self.world or st["micro_batch"] != self.cfg.data.micro_batch:
-            raise ckpt.CheckpointError(
-                f"{path} was written by {st['world_size']} processes with micro_batch {st['micro_batch']}; exact "
-                f"resume needs the same (now {self.world} x {self.cfg.data.micro_batch})")
+        # per-rank sampler shards: only the same world size and micro-batch resume (exactly)
+        st, mine = self.run.load_state(path, self.cfg.data.micro_batch, global_data=False)
         self.opt_g.load_state_dict(st["opt_g"])
         self.opt_d.load_state_dict(st["opt_d"])
         self.sched_g.load_state_dict(st["sched_g"])
@@ -184,7 +196,6 @@ class Trainer:
         self.scaler_d.load_state_dict(st["scaler_d"])
         self.lecam.ema_real.fill_(st["lecam"]["ema_real"])
         self.lecam.ema_fake.fill_(st["lecam"]["ema_fake"])
-        mine = st["ranks"][self.info.rank]
         self.loader.load_state_dict(mine["data"])
         self._resume_rng = mine["rng"]
         self.step = int(st["step"])
@@ -201,11 +212,27 @@ class Trainer:
         params = [p for p in params if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")).detach()
 
+    def _gan_switches(self) -> Tuple[float, float, bool]:
+        """(weight of the generator's GAN term, weight of the D loss, whether D runs at all) at this step.
+
+        ``official`` bookkeeping (default): the official loss module gets ``global_step`` in the G call and
+        ``global_step + 1`` in the D call (under manual optimisation Lightning's counter advances with the
+        generator's optimizer), so D's loss switches on one step before the generator's GAN term; before
+        that, D still runs (BatchNorm statistics, LeCAM EMAs) and its loss is multiplied by 0, so its Adam
+        takes steps with zero gradients (the moments decay and the step count grows). ``skip``: nothing of D
+        runs before ``disc_start`` and both sides switch on there. The two agree when disc_start is 0.
+        """
+        L = self.cfg.loss
+        official = L.disc_start_bookkeeping == "official"
+        g_on = self.step >= L.disc_start
+        d_on = (self.step + 1 if official else self.step) >= L.disc_start
+        return (L.gan_weight if g_on else 0.0), (L.disc_weight if d_on else 0.0), official or g_on
+
     def train_step(self, xs: List[torch.Tensor], log: bool = True) -> Dict[str, Any]:
         """One G + D optimizer step. The statistics stay on the device; the ones that need the host (PSNR of
         uint8 images, codebook usage) are computed on logging steps only (``log``)."""
         cfg, L = self.cfg, self.cfg.loss
-        gan_on = self.step >= L.disc_start
+        gan_w, disc_w, run_disc = self._gan_switches()
         stats: Dict[str, Any] = {}
 
         def add(name: str, value: torch.Tensor) -> None:
@@ -221,8 +248,8 @@ class Trainer:
                     rec = rec.float()
                     l1 = (x - rec).abs().mean()
                     lp = self.lpips(x, rec).mean() if self.lpips is not None else rec.new_zeros(())
-                    g_gan = non_saturating_g_loss(self.disc(rec)) if gan_on else rec.new_zeros(())
-                loss = (L.pixel_weight * l1 + L.perceptual_weight * lp + L.gan_weight * g_gan
+                    g_gan = non_saturating_g_loss(self.disc(rec)) if run_disc else rec.new_zeros(())
+                loss = (L.pixel_weight * l1 + L.perceptual_weight * lp + gan_w * g_gan
                         + L.entropy_weight * ent + L.commitment_weight * commit)
                 self.scaler_g.scale(loss / self.accum).backward()
             recs.append(rec.detach())
@@ -240,21 +267,24 @@ class Trainer:
         self.disc.requires_grad_(True)
 
         # ---- discriminator
-        if gan_on:
-            for i, (x, rec) in enumerate(zip(xs, recs)):
-                with self._sync(self.d_fwd, i == len(xs) - 1):
-                    with autocast(self.device, cfg.precision):
-                        real = self.d_fwd(x).float()
-                        fake = self.d_fwd(rec).float()
-                    # LeCAM EMAs follow the mean logits of all ranks, so every rank holds the same EMAs.
-                    means = collectives.all_reduce_(torch.stack([real.detach().mean(), fake.detach().mean()]), "mean")
-                    self.lecam.update(means[0], means[1])
-                    hinge = hinge_d_loss(real, fake)
-                    reg = self.lecam(real, fake)
-                    d_loss = L.disc_weight * (hinge + L.lecam_weight * reg)
-                    self.scaler_d.scale(d_loss / self.accum).backward()
+        if run_disc:
+            with autocast(self.device, cfg.precision):
+                logits = [(self.d_fwd(x).float(), self.d_fwd(rec).float()) for x, rec in zip(xs, recs)]
+            # One LeCAM update per optimizer step, before any term uses it (the official order), from the mean
+            # logits of the whole global batch: the micro-batches' means (equal sizes), averaged over ranks, so
+            # every rank holds the same EMAs. Hence all micro-batches are through D before the one backward.
+            means = torch.stack([torch.stack([r.detach().mean(), f.detach().mean()]) for r, f in logits]).mean(0)
+            means = collectives.all_reduce_(means, "mean")
+            self.lecam.update(means[0], means[1])
+            d_total = 0.0
+            for real, fake in logits:
+                hinge = hinge_d_loss(real, fake)
+                reg = self.lecam(real, fake)
+                d_loss = disc_w * (hinge + L.lecam_weight * reg)
+                d_total = d_total + d_loss / self.accum
                 add("d/loss", d_loss); add("d/hinge", hinge); add("d/lecam", reg)
                 add("d/logits_real", real.mean()); add("d/logits_fake", fake.mean())
+            self.scaler_d.scale(d_total).backward()
             self.scaler_d.unscale_(self.opt_d)
             stats["d/grad_norm"] = self._grad_norm(self.disc.parameters(), cfg.optim.grad_clip)
             self.scaler_d.step(self.opt_d)
@@ -288,8 +318,9 @@ class Trainer:
 
     def _fit(self, run: TrainingRun) -> Dict[str, Any]:
         cfg = self.cfg
-        if self.info.is_main:  # OUT/final is replaced at the end: refuse someone else's directory now, not then
-            ckpt.check_checkpoint_output(self.out / "final", TOKENIZER_KIND)
+        if self.info.is_main:  # OUT/final* are replaced at the end: refuse someone else's directory now, not then
+            for name in EXPORT_DIRS.values():
+                ckpt.check_checkpoint_output(self.out / name, TOKENIZER_KIND)
         self._resume_rng = None
         path = run.resume_path()
         if path is not None:
@@ -326,13 +357,17 @@ class Trainer:
                 break
         bar.close()
         if self.step == self.total_steps and self.info.is_main:
-            self.export(self.out / "final")
+            for weights, name in EXPORT_DIRS.items():
+                self.export(self.out / name, weights)
         return stats
 
-    def export(self, path: Path) -> Path:
-        """The EMA weights as a plain tokenizer checkpoint (what evaluation, dataprep and the demo load)."""
-        self.ema.model.save(path, extra={"step": self.step, "source": "ema", "train_config": to_dict(self.cfg)})
-        log.info("exported EMA tokenizer to %s", path)
+    def export(self, path: Path, weights: str = "ema") -> Path:
+        """One weight set as a plain tokenizer checkpoint that names it (``extra["weights"]``): "ema" (what
+        evaluation and the demo load) or "raw" (the generator's weights: what the AR recipe encodes with)."""
+        model = {"ema": self.ema.model, "raw": self.tok}[weights]
+        model.save(path, extra={"step": self.step, "weights": weights, "source": weights,
+                                "train_config": to_dict(self.cfg)})
+        log.info("exported the %s tokenizer weights to %s", weights, path)
         return path
 
 
@@ -349,9 +384,4 @@ def train(cfg: TrainConfig) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """0 when the run ended or stopped as asked; 128 + signal (143: SIGTERM) when it was preempted."""
-    return train_main(argv, prog="python -m stage1_tokenizer.train", doc=__doc__, config_cls=TrainConfig,
-                      presets=PRESETS, default="tokenizer-demo", run=train)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return train_main(argv, **CLI, run=train)  # (``python -m`` runs the block at the top of this file)

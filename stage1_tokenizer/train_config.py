@@ -17,6 +17,8 @@ from shared.run_config import RunConfig
 from stage1_tokenizer.config import PRESETS as MODEL_PRESETS
 from stage1_tokenizer.config import TokenizerConfig
 
+DISC_START_BOOKKEEPING = ("official", "skip")  # LossConfig.disc_start_bookkeeping
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -31,6 +33,11 @@ class LossConfig:
     lecam_weight: float = 0.05         # 0.05 for the 256 model, 0.01 for the 128 model
     lecam_decay: float = 0.999
     disc_start: int = 0                # optimizer step at which the GAN terms switch on (official 0)
+    # Before disc_start: "official" runs the discriminator anyway (its BatchNorm statistics and the LeCAM EMAs
+    # move) and takes Adam steps with zero gradients, and its loss switches on one step before the generator's
+    # GAN term (the official D call sees global_step + 1); "skip" leaves the discriminator untouched until
+    # disc_start and switches both sides on there. Identical when disc_start is 0 (the released recipes).
+    disc_start_bookkeeping: str = "official"
 
 
 @dataclass(frozen=True)

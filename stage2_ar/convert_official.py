@@ -1,13 +1,16 @@
 """Split an official Open-MAGVIT2 AR checkpoint into our AR checkpoint and our tokenizer checkpoint.
 
     python -m stage2_ar.convert_official AR_256_B.ckpt OUT_DIR      # -> OUT_DIR/ar, OUT_DIR/tokenizer
+    python -m stage2_ar.convert_official hf://TencentARC/Open-MAGVIT2-AR-B-256-resolution OUT_DIR
 
 The official Lightning file holds ``transformer.*`` (the GPT) and ``first_stage_model.{encoder,decoder}.*``
-(the frozen 16x tokenizer, raw weights, which the official sampler decodes with). The file is read with
-``torch.load(weights_only=True)``. The transformer tensors are renamed one to one (no reshaping is needed:
-the fused ``wqkv`` rows are [q | k | v], head-major, with adjacent rotary pairs, exactly as our blocks read
-them); the tokenizer half goes through the Stage-1 converter. Both halves are loaded strictly: every tensor
-of our models must be found and every official tensor of each half must be used.
+(the frozen 16x tokenizer, raw weights, which the official sampler decodes with). It is taken from a local
+path or the Hugging Face Hub (``shared.model_ref``) and read by ``shared.legacy_checkpoint`` (tensors only;
+other objects of the Lightning file stay inert records, no code runs). The transformer tensors are renamed
+one to one (no reshaping is needed: the fused ``wqkv`` rows are [q | k | v], head-major, with adjacent
+rotary pairs, exactly as our blocks read them); the tokenizer half goes through the Stage-1 converter. Both
+halves are loaded strictly: every tensor of our models must be found and every official tensor of each half
+must be used.
 
 Facts the shapes cannot tell: head_dim and the token grid. The official file does not store its RoPE table
 (``freqs_cis``, which would give both); when one is present it is used. Otherwise the architecture must be
@@ -19,10 +22,35 @@ a guessed head count would give wrong logits without any error.
 Outputs: OUT/ar and OUT/tokenizer are checked before the file is read, and an existing one is replaced only
 if it is a checkpoint of that kind (or with ``--overwrite``); both halves are converted before either is
 written.
+
+``resolve_ar(ref)`` (behind ``FactorizedAR.from_pretrained``) turns any model reference into an AR checkpoint
+directory, converting an official file once and caching both halves by the file's sha256.
 """
 from __future__ import annotations
 
 import argparse
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line (light: built and parsed before the heavy imports below)."""
+    p = argparse.ArgumentParser(prog="python -m stage2_ar.convert_official", description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt", help="official AR checkpoint: a file (e.g. AR_256_B.ckpt) or "
+                                "hf://ORG/REPO[/FILE][@REVISION]")
+    p.add_argument("out", help="output directory: gets ar/ and tokenizer/ checkpoint directories")
+    p.add_argument("--grid", default=None, help="token grid H,W (released models: 16,16; needed for other files)")
+    p.add_argument("--head-dim", type=int, default=None, help="dim / n_head (released models: 64; needed for others)")
+    p.add_argument("--tokenizer-weights", choices=("raw", "ema"), default="raw",
+                   help="the AR file holds raw tokenizer weights (what the official sampler decodes with)")
+    p.add_argument("--tokenizer-preset", default=None, help="Stage-1 preset of the tokenizer half (default: inferred)")
+    p.add_argument("--skip-tokenizer", action="store_true", help="write only the AR half")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT/ar and OUT/tokenizer even if they are not checkpoints of that kind")
+    return p
+
+
+if __name__ == "__main__":  # --help and argument errors answer before the heavy imports below
+    _parser().parse_args()
+
 import math
 import re
 from dataclasses import replace
@@ -32,11 +60,12 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from shared.checkpoint import (CheckpointError, check_checkpoint_output, load_legacy, load_strict, save_checkpoint,
-                               state_dict_of)
+from shared import model_ref
+from shared.checkpoint import CheckpointError, check_checkpoint_output, is_checkpoint, load_strict, save_checkpoint
+from shared.legacy_checkpoint import load_state_dict
 from shared.config import to_dict
 from stage2_ar.config import PRESETS, ARConfig
-from stage2_ar.model import KIND, FactorizedAR
+from stage2_ar.model import CHECKPOINT_KIND, FactorizedAR
 
 AR_PREFIX = "transformer."
 TOKENIZER_PREFIX = "first_stage_model."
@@ -182,29 +211,29 @@ def convert_ar_state(sd: Mapping[str, Tensor], cfg: ARConfig, prefix: str = AR_P
 def check_outputs(out_dir, *, skip_tokenizer: bool = False, overwrite: bool = False) -> Dict[str, Path]:
     """OUT/ar (and OUT/tokenizer) checked before any work: each may only replace a checkpoint of its kind."""
     out_dir = Path(out_dir)
-    kinds = {"ar": KIND}
+    kinds = {"ar": CHECKPOINT_KIND}
     if not skip_tokenizer:
-        from stage1_tokenizer.tokenizer import CHECKPOINT_KIND
+        from stage1_tokenizer.tokenizer import CHECKPOINT_KIND as TOKENIZER_KIND
 
-        kinds["tokenizer"] = CHECKPOINT_KIND
+        kinds["tokenizer"] = TOKENIZER_KIND
     return {name: check_checkpoint_output(out_dir / name, kind, overwrite=overwrite) for name, kind in kinds.items()}
 
 
-def convert(path, out_dir, *, grid: Optional[Tuple[int, int]] = None, head_dim: Optional[int] = None,
-            tokenizer_weights: str = "raw", tokenizer_preset: Optional[str] = None, skip_tokenizer: bool = False,
-            overwrite: bool = False) -> Dict[str, Path]:
-    """Convert one official AR file; returns {'ar': dir, 'tokenizer': dir (unless skipped)}.
+def convert_halves(path, *, grid: Optional[Tuple[int, int]] = None, head_dim: Optional[int] = None,
+                   tokenizer_weights: str = "raw", tokenizer_preset: Optional[str] = None,
+                   skip_tokenizer: bool = False, source: Optional[Dict[str, object]] = None):
+    """Read one official AR file and convert it, writing nothing: (model, cfg, tokenizer or None, info).
 
     ``grid`` / ``head_dim``: see ``resolve_geometry`` (None: inferred, or refused when the file cannot tell).
     ``tokenizer_preset`` names the Stage-1 preset to load the tokenizer half into; by default it is inferred
     from the shapes (GroupNorm groups cannot be seen in them: 32, the official value, is assumed).
+    ``source``: the file's provenance record (``shared.model_ref``), stored with both halves.
     """
     from stage1_tokenizer.config import PRESETS as TOK_PRESETS
 
     if tokenizer_preset is not None and tokenizer_preset not in TOK_PRESETS:
         raise ValueError(f"unknown tokenizer preset {tokenizer_preset!r}; choose from {', '.join(sorted(TOK_PRESETS))}")
-    targets = check_outputs(out_dir, skip_tokenizer=skip_tokenizer, overwrite=overwrite)
-    sd = state_dict_of(load_legacy(path))
+    sd = load_state_dict(path)
     foreign = sorted(k for k in sd if not k.startswith((AR_PREFIX, TOKENIZER_PREFIX)))
     if foreign:
         raise CheckpointError(f"{len(foreign)} tensors belong to neither half (e.g. {', '.join(foreign[:3])})")
@@ -213,6 +242,8 @@ def convert(path, out_dir, *, grid: Optional[Tuple[int, int]] = None, head_dim: 
     model = FactorizedAR(cfg)
     load_strict(model, convert_ar_state(sd, cfg), source=str(path))
     info = {"converted_from": Path(path).name, "format": "open-magvit2-official-lightning"}
+    if source is not None:
+        info["source"] = source
     tok = None
     if not skip_tokenizer:
         # The Stage-1 converter does the tokenizer half (renames, DCR -> PixelShuffle permutation, strictness).
@@ -222,13 +253,53 @@ def convert(path, out_dir, *, grid: Optional[Tuple[int, int]] = None, head_dim: 
         tcfg = TOK_PRESETS[tokenizer_preset] if tokenizer_preset else tok_infer(sd, TOKENIZER_PREFIX, tokenizer_weights)
         tok = Tokenizer(tcfg)
         load_strict(tok, convert_tokenizer_state(sd, TOKENIZER_PREFIX, tokenizer_weights, tcfg), source=str(path))
-    # written only once both halves converted: a failure above leaves OUT as it was
-    written = {"ar": save_checkpoint(targets["ar"], model.state_dict(), to_dict(cfg), kind=KIND, extra=info,
+    return model, cfg, tok, info
+
+
+def _write_halves(model: FactorizedAR, cfg: ARConfig, tok, info, targets: Dict[str, Path],
+                  tokenizer_weights: str = "raw", overwrite: bool = False) -> Dict[str, Path]:
+    written = {"ar": save_checkpoint(targets["ar"], model.state_dict(), to_dict(cfg), kind=CHECKPOINT_KIND, extra=info,
                                      overwrite=overwrite)}
-    if tok is not None:
+    if tok is not None and "tokenizer" in targets:
         written["tokenizer"] = tok.save(targets["tokenizer"], extra={**info, "weights": tokenizer_weights},
                                         overwrite=overwrite)
     return written
+
+
+def convert(path, out_dir, *, grid: Optional[Tuple[int, int]] = None, head_dim: Optional[int] = None,
+            tokenizer_weights: str = "raw", tokenizer_preset: Optional[str] = None, skip_tokenizer: bool = False,
+            overwrite: bool = False) -> Dict[str, Path]:
+    """Convert one official AR file (a local path or hf://...); returns {'ar': dir, 'tokenizer': dir (unless
+    skipped)}. Arguments as ``convert_halves``."""
+    targets = check_outputs(out_dir, skip_tokenizer=skip_tokenizer, overwrite=overwrite)
+    source = model_ref.official_file(path)
+    model, cfg, tok, info = convert_halves(source.path, grid=grid, head_dim=head_dim,
+                                           tokenizer_weights=tokenizer_weights, tokenizer_preset=tokenizer_preset,
+                                           skip_tokenizer=skip_tokenizer, source=source.record())
+    # written only once both halves converted: a failure above leaves OUT as it was
+    return _write_halves(model, cfg, tok, info, targets, tokenizer_weights, overwrite)
+
+
+def resolve_ar(ref, *, grid: Optional[Tuple[int, int]] = None, head_dim: Optional[int] = None) -> model_ref.Resolved:
+    """A model reference (checkpoint directory, official file, hf://...) -> an AR checkpoint directory.
+
+    An official file is converted once into the cache (``shared.model_ref``): its AR half and, beside it, its
+    tokenizer half (what ``Tokenizer.from_pretrained`` of the same reference finds). ``grid`` / ``head_dim``
+    as ``resolve_geometry``: needed only for files that are neither released architectures nor carry a RoPE table.
+    """
+    variant = "-".join(["ar"] + ([f"grid{grid[0]}x{grid[1]}"] if grid else [])
+                       + ([f"hd{head_dim}"] if head_dim else []))
+
+    def run(file: Path, root: Path, source: Dict[str, object]) -> None:
+        from stage1_tokenizer.tokenizer import CHECKPOINT_KIND as TOKENIZER_KIND
+
+        model, cfg, tok, info = convert_halves(file, grid=grid, head_dim=head_dim, source=source)
+        targets = {"ar": root / variant}
+        if not is_checkpoint(root / "tokenizer", TOKENIZER_KIND):
+            targets["tokenizer"] = root / "tokenizer"  # the default (raw) tokenizer half, as resolve_tokenizer names it
+        _write_halves(model, cfg, tok, info, targets)
+
+    return model_ref.resolve(ref, kind=CHECKPOINT_KIND, variant=variant, convert=run)
 
 
 def _grid(text: Optional[str]) -> Optional[Tuple[int, int]]:
@@ -244,19 +315,8 @@ def _grid(text: Optional[str]) -> Optional[Tuple[int, int]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stage2_ar.convert_official", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", help="official AR checkpoint (e.g. AR_256_B.ckpt)")
-    p.add_argument("out", help="output directory: gets ar/ and tokenizer/ checkpoint directories")
-    p.add_argument("--grid", default=None, help="token grid H,W (released models: 16,16; needed for other files)")
-    p.add_argument("--head-dim", type=int, default=None, help="dim / n_head (released models: 64; needed for others)")
-    p.add_argument("--tokenizer-weights", choices=("raw", "ema"), default="raw",
-                   help="the AR file holds raw tokenizer weights (what the official sampler decodes with)")
-    p.add_argument("--tokenizer-preset", default=None, help="Stage-1 preset of the tokenizer half (default: inferred)")
-    p.add_argument("--skip-tokenizer", action="store_true", help="write only the AR half")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT/ar and OUT/tokenizer even if they are not checkpoints of that kind")
-    args = p.parse_args(argv)
-    if not Path(args.ckpt).is_file():
+    args = _parser().parse_args(argv)
+    if not model_ref.is_hub_ref(args.ckpt) and not Path(args.ckpt).is_file():
         raise SystemExit(f"error: no such file: {args.ckpt}")
     if args.head_dim is not None and args.head_dim < 1:
         raise SystemExit(f"error: --head-dim must be positive, got {args.head_dim}")

@@ -4,8 +4,9 @@ The dataset is the one dataprep writes, in the format ``shared.token_dataset`` d
 says what the tokens are and how a row's bytes are packed; mds/<split>/ holds the shards, one sample per
 image with all its stored views). Training takes one view of each image per epoch (``epoch_view``), so an
 epoch is one pass over the images, as in the official recipe (which augments each image on the fly once
-per epoch); evaluation always takes view 0. The row is decoded with the manifest's packing and every
-index split into sub-tokens (6, 12) -> (index & 63, index >> 6), the order the model consumes.
+per epoch); evaluation always takes view 0. The token datasets' one streaming reader
+(``shared.token_dataset.TokenStream``) decodes that view with the manifest's packing; here every index is
+split into sub-tokens (6, 12) -> (index & 63, index >> 6), the order the model consumes.
 
 Things that matter for correct multi-device training (see the stack notes):
 - the per-device batch size is given to the dataset, so the sample partition is the same one the
@@ -15,6 +16,9 @@ Things that matter for correct multi-device training (see the stack notes):
   ``build_loader`` makes a fresh dataset for every loader and nothing here iterates it eagerly;
 - compressed shards read with no remote get decompressed next to themselves, so a local directory is
   always used as the *remote* and a separate cache directory as ``local``;
+- a data error (a shard that differs from index.json, is missing or cannot be read, a sample that does not
+  decode) is a ``ShardError`` of one line out of ``TokenLoader``, whose workers are then shut down (killed
+  if they do not exit: they ignore SIGTERM); ``retry_seconds`` bounds the retries of object-store reads;
 - crashed runs leave shared memory behind: ``clean_stale_shared_memory`` at start-up removes what
   killed runs left, never the segments of other streaming jobs on the same node.
 """
@@ -25,22 +29,20 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from streaming import StreamingDataLoader, StreamingDataset
+from streaming import StreamingDataLoader
+from torch.utils.data import DataLoader
 
 from shared import object_store
 from shared import token_dataset as td
-from shared.preemption import worker_ignores_signals
-from shared.token_dataset import Manifest, ManifestError  # the trainer catches sdata.ManifestError
+from shared.preemption import stop_workers, worker_ignores_signals
+# read_manifest: the trainer and the experiments call it as sdata.read_manifest
+from shared.token_dataset import Manifest, ManifestError, TokenStream, read_manifest  # noqa: F401
+from shared.token_dataset.reader import ShardError
 from shared.tokens import split_index
-
-
-def read_manifest(dataset: str, cache_dir: Optional[str] = None) -> Manifest:
-    """The dataset's validated manifest, from a local directory or a remote URI (s3://, gs://, ...)."""
-    return td.read_manifest(dataset, cache_dir)
 
 
 def check_manifest(manifest: Manifest, model_cfg: Any) -> None:
@@ -106,19 +108,20 @@ def epoch_view(seed: int, epoch: int, image: int, views: int) -> int:
     return order[position]
 
 
-class TokenShardDataset(StreamingDataset):
+class TokenShardDataset(TokenStream):
     """Yields ``((sub_0, sub_1, ...), label)``: int64 tensors of shape (T,) and an int64 scalar.
 
+    The token datasets' streaming reader, choosing the view and splitting the indices into sub-tokens.
     ``view_seed``: take each image's view of the current epoch (``epoch_view``); None takes view 0.
     """
 
     def __init__(self, *, remote: Optional[str], local: str, split: str, layout: TokenLayout,
                  batch_size: int, shuffle: bool = True, shuffle_seed: int = 0,
                  num_canonical_nodes: int = 1, view_seed: Optional[int] = None, **kwargs: Any) -> None:
-        super().__init__(remote=remote, local=local, split=split, batch_size=batch_size, shuffle=shuffle,
-                         shuffle_seed=shuffle_seed, num_canonical_nodes=num_canonical_nodes, **kwargs)
+        super().__init__(remote=remote, local=local, packing=layout.packing, views=layout.views, view=0, split=split,
+                         batch_size=batch_size, shuffle=shuffle, shuffle_seed=shuffle_seed,
+                         num_canonical_nodes=num_canonical_nodes, **kwargs)
         self.layout = layout
-        self.packing = layout.packing
         self.view_seed = view_seed
         self.epoch = 0  # the epoch being iterated, in the process that iterates (a DataLoader worker)
 
@@ -129,15 +132,15 @@ class TokenShardDataset(StreamingDataset):
         self.epoch = epoch
         return epoch, sample_in_epoch
 
-    def view_of(self, sample_id: str) -> int:
+    def view_of(self, sample: Mapping[str, Any]) -> int:
         if self.view_seed is None:
             return 0
-        return epoch_view(self.view_seed, self.epoch, td.parse_image_id(sample_id)[1], self.layout.views)
+        return epoch_view(self.view_seed, self.epoch, td.parse_image_id(sample["id"])[1], self.layout.views)
 
     def __getitem__(self, index: int):
-        row = super().__getitem__(index)
-        idx = self.packing.decode(self.packing.view(row["tokens"], self.view_of(row["id"])))
-        subs = tuple(torch.from_numpy(np.ascontiguousarray(s)) for s in split_index(idx, self.layout.subtoken_bits))
+        row = super().__getitem__(index)  # its tokens: the (T,) indices of the view ``view_of`` picks
+        subs = tuple(torch.from_numpy(np.ascontiguousarray(s))
+                     for s in split_index(row["tokens"], self.layout.subtoken_bits))
         return subs, torch.tensor(int(row["label"]), dtype=torch.int64)
 
 
@@ -181,6 +184,33 @@ class TokenLoader(StreamingDataLoader):
 
     def _get_batch_size(self, batch: Any) -> int:
         return len(batch[1])
+
+    def __iter__(self):
+        """Batches, counted as Streaming's loader counts them; any error of the data (a damaged, missing or
+        unreadable shard, a sample that does not decode, in this process or a worker) ends the iteration
+        with one ``ShardError`` line, and the workers are shut down (killed if they do not exit) whatever
+        ends it, so a failed run exits instead of waiting on them."""
+        self.num_samples_yielded = 0
+        batches = DataLoader.__iter__(self)
+        try:
+            for batch in batches:
+                self.num_samples_yielded += self._get_batch_size(batch)
+                yield batch
+        except Exception as e:
+            raise ShardError(worker_error(e)) from None
+        finally:
+            stop_workers(batches)
+
+
+def worker_error(e: BaseException) -> str:
+    """One line for an exception raised here or re-raised by a DataLoader from a worker (its message then
+    holds the worker's whole traceback, whose last line is the error)."""
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Original Traceback" in text and len(lines) > 1:
+        kind, sep, msg = lines[-1].partition(": ")
+        return msg if sep and kind.endswith(ShardError.__name__) else lines[-1][:400]
+    return " ".join(lines)[:400] if isinstance(e, ShardError) else f"{type(e).__name__}: {' '.join(lines)}"[:400]
 
 
 def build_loader(dataset: str, *, split: str, batch_size: int, layout: TokenLayout, num_workers: int = 0,

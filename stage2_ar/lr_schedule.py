@@ -47,8 +47,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupHoldDecay)
 
 def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
     """Restore the step and re-apply its LR: LambdaLR.load_state_dict alone leaves the optimiser's LR stale
-    until the next ``step()``, so a resumed first step would run at whatever LR the optimiser was built with."""
-    scheduler.load_state_dict(state)
+    until the next ``step()``, so a resumed first step would run at whatever LR the optimiser was built with.
+    The schedule's numbers (length, warm-up) stay those ``scheduler`` was built with from the run's config: the
+    same as the checkpoint's, unless a resume changed a schedule key, which is then re-derived (and warned)."""
+    scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})  # None: keep ours
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr

@@ -32,7 +32,7 @@ from stage2_ar.blocks import Block, KVCache, RMSNorm
 from stage2_ar.config import ARConfig
 from stage2_ar.rope import rope_table
 
-KIND = "ar"
+CHECKPOINT_KIND = "ar"
 
 
 def subtoken_loss(logits: Sequence[torch.Tensor], subtokens: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -159,17 +159,31 @@ class FactorizedAR(nn.Module):
     # ---- checkpoints (our format: safetensors + config.json, kind "ar") ----
 
     def save(self, path, *, extra: Optional[Dict[str, Any]] = None, trainer_state: Optional[Dict[str, Any]] = None):
-        return ckpt.save_checkpoint(path, self.state_dict(), to_dict(self.cfg), kind=KIND,
+        return ckpt.save_checkpoint(path, self.state_dict(), to_dict(self.cfg), kind=CHECKPOINT_KIND,
                                     trainer_state=trainer_state, extra=extra)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "FactorizedAR":
         meta = ckpt.load_meta(path)
-        if meta.get("kind") != KIND:
-            raise ckpt.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, expected {KIND!r}")
+        if meta.get("kind") != CHECKPOINT_KIND:
+            raise ckpt.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, expected {CHECKPOINT_KIND!r}")
         model = cls(from_dict(ARConfig, meta["config"]))
         ckpt.load_strict(model, ckpt.load_state_dict(path), source=str(path))
         return model.to(device).eval()
+
+    @classmethod
+    def from_pretrained(cls, ref, device="cpu", *, grid: Optional[Tuple[int, int]] = None,
+                        head_dim: Optional[int] = None) -> "FactorizedAR":
+        """Build from any model reference (``shared.model_ref``): a checkpoint directory (or a converter's OUT),
+        an official AR ``.ckpt`` or ``hf://ORG/REPO[/FILE][@REVISION]``; official files are converted once and
+        cached (``stage2_ar.convert_official.resolve_ar``; ``grid`` / ``head_dim`` only for unreleased
+        architectures). The provenance record is kept as ``model.provenance``."""
+        from stage2_ar.convert_official import resolve_ar
+
+        resolved = resolve_ar(ref, grid=grid, head_dim=head_dim)
+        model = cls.from_checkpoint(resolved.path, device)
+        model.provenance = resolved.record()
+        return model
 
 
 def count_params(cfg: ARConfig) -> int:

@@ -7,10 +7,9 @@ ADM's layout (openai/guided-diffusion), so its evaluator can score the file as i
   labels there too (``np.savez(path, images, labels)``); the evaluator and the reference batches use
   ``arr_0`` only, so a batch without labels is valid.
 
-``stage2_ar.evaluate --samples`` reads this file. For compatibility it also reads the labels of files written
-by earlier versions of ``stage2_ar.sample``, which stored them under ``labels``.
+``stage2_ar.evaluate --samples`` reads this file.
 
-Both tools write into an output directory (``OUTPUT_FILES``); ``check_output_dir`` refuses, before any work,
+Both tools write into an output directory (``OUTPUT_FILES``); ``check_samples_output`` refuses, before any work,
 one that holds anything else (someone else's files), unless ``overwrite``.
 """
 from __future__ import annotations
@@ -28,7 +27,6 @@ from shared.atomic import atomic_path
 
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"
-_OLD_LABELS_KEY = "labels"  # written by stage2_ar.sample before the layout was unified
 
 PathLike = Union[str, os.PathLike]
 
@@ -49,7 +47,7 @@ def is_output_dir(path: PathLike) -> bool:
     return all(p.name in OUTPUT_FILES or _TEMPORARY.match(p.name) for p in Path(path).iterdir())
 
 
-def check_output_dir(path: PathLike, overwrite: bool = False) -> Path:
+def check_samples_output(path: PathLike, overwrite: bool = False) -> Path:
     """Before any work: ``path`` must be a writable directory (or creatable) holding only the sampling tools'
     files; ``overwrite`` allows other files there (they are left alone). One-line ``shared.atomic.OutputError``."""
     what = f"an output directory of stage2_ar.sample / evaluate ({', '.join(OUTPUT_FILES)})"
@@ -92,7 +90,6 @@ def read_samples(path: PathLike, labels: bool = True) -> Tuple[np.ndarray, Optio
         if IMAGES_KEY not in z.files:
             raise SamplesFileError(f"{path} has no {IMAGES_KEY} image array (keys: {', '.join(z.files)})")
         images = z[IMAGES_KEY]
-        key = next((k for k in (LABELS_KEY, _OLD_LABELS_KEY) if labels and k in z.files), None)
-        found = z[key] if key else None
+        found = z[LABELS_KEY] if labels and LABELS_KEY in z.files else None
     _check(images, found, str(path))
     return images, found

@@ -10,7 +10,7 @@ a run resumes on a different number of machines.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
 from shared.run_config import RunConfig
@@ -59,6 +59,8 @@ class DataConfig:
     num_canonical_nodes: int = 4
     shuffle_seed: int = 0
     clean_stale_shm: bool = True          # remove shared memory left by crashed streaming runs at start-up
+    retry_seconds: float = 120.0          # how long a shard read from object storage that fails transiently
+                                          # (endpoint unreachable, timeouts, 5xx) is retried before the run stops
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class TrainConfig(RunConfig):
     sample_classes: Tuple[int, ...] = ()  # () -> the first 8 classes
     sample_per_class: int = 4
     sample_seed: int = 0
-    tokenizer: str = ""                   # tokenizer checkpoint to decode samples; "" -> a bit-colour token view
+    tokenizer: str = ""                   # tokenizer REF (directory, official .ckpt, hf://...) to decode samples;
+    #                                       "" -> a bit-colour token view
     allow_tokenizer_mismatch: bool = False  # decode with a tokenizer other than the dataset's (a deliberate swap)
 
 
@@ -104,6 +107,3 @@ PRESETS: Dict[str, TrainConfig] = {
                        log_every=10, ckpt_every=500, sample_every=500),
 }
 
-
-def with_model(cfg: TrainConfig, **kw) -> TrainConfig:
-    return replace(cfg, model=replace(cfg.model, **kw))
