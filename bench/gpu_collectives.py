@@ -29,7 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-TRACE = REPO / "tests" / "collective_trace.py"
+TRACE = REPO / "tests" / "support" / "collective_trace.py"
 
 
 def _port() -> int:

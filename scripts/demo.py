@@ -1,13 +1,13 @@
 """End-to-end demo on a laptop CPU: Fashion-MNIST -> tokenizer -> Ray encode -> AR model -> samples.
 
-    make demo                       # installs, then runs this with the defaults (about 20 minutes on 2 cores)
+    make demo                       # installs, then runs this with the defaults (time measured on 2 cores: docs/demo.md)
     python scripts/demo.py --out demo-out [--quick]
 
 Every step is the project's real command line, run as a subprocess exactly as a user would type it, and
 everything lands under one folder:
 
     OUT/data/{train,val}/<class>/*.png     Fashion-MNIST as an ImageNet-style folder (32x32 RGB)
-    OUT/tokenizer/                          tokenizer run (checkpoints, metrics.jsonl, image grids, final/)
+    OUT/tokenizer/                          tokenizer run (checkpoints, metrics.jsonl, image grids, final/ = EMA, final-raw/ = raw)
     OUT/tokenizer-eval.json                 PSNR, SSIM, codebook usage of the EMA tokenizer on val
     OUT/tokens/                             token dataset: manifest.json, tokens.lance, mds/train
     OUT/inspect-grid.png                    a few rows of the token dataset decoded back to pixels
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ensure_fashion_mnist(a.fmnist_root)
     py = sys.executable
-    tok_run, tok = out / "tokenizer", out / "tokenizer" / "final"
+    # EMA weights for evaluating the tokenizer, raw weights for the tokens (what the official AR recipe encodes with)
+    tok_run, tok, tok_raw = out / "tokenizer", out / "tokenizer" / "final", out / "tokenizer" / "final-raw"
     steps = Steps(out)
     t0 = time.time()
 
@@ -91,17 +92,17 @@ def main(argv=None) -> int:
         py, "-m", "stage1_tokenizer.evaluate", "--ckpt", str(tok), "--data", str(out / "data" / "val"),
         "--resolution", "32", "--workers", "0", "--out", str(out / "tokenizer-eval.json")])
     steps.run("4/6 encode the dataset with the Ray job (embedded local Ray)", [
-        py, "dataprep/encode.py", "--data", str(out / "data"), "--split", "train", "--tokenizer", str(tok),
+        py, "dataprep/encode.py", "--data", str(out / "data"), "--split", "train", "--tokenizer", str(tok_run),
         "--out", str(out / "tokens"), "--resolution", "32", "--views", "center,flip", "--batch-size", "64",
         "--chunk-size", "2048", "--num-cpus", "2"])
     steps.run("4b inspect the token dataset", [py, "-m", "dataprep.inspect_dataset", str(out / "tokens"),
                                                "--grid", str(out / "inspect-grid.png")])
     steps.run("5/6 train the AR model from the MDS shards (ar-demo)", [
         py, "-m", "stage2_ar.train", "--config", "ar-demo", f"data.path={out / 'tokens'}", f"out_dir={out / 'ar'}",
-        f"schedule.max_steps={a.ar_steps}", f"tokenizer={tok}"])
+        f"schedule.max_steps={a.ar_steps}", f"tokenizer={tok_raw}"])
     ar_ckpts = sorted((out / "ar").glob("step-*"))
     steps.run("6/6 sample a class-conditional grid (one row per class)", [
-        py, "-m", "stage2_ar.sample", "--ckpt", str(ar_ckpts[-1]), "--tokenizer", str(tok),
+        py, "-m", "stage2_ar.sample", "--ckpt", str(ar_ckpts[-1]), "--tokenizer", str(tok_raw),
         "--classes", ",".join(str(c) for c in range(10)), "--per-class", str(a.samples_per_class),
         "--out", str(out / "samples"), "--npz", "--seed", "0"])
 

@@ -377,6 +377,8 @@ def train(cfg: TrainConfig) -> int:
     try:
         trainer = Trainer(cfg, info)
         trainer.fit()
+        # the first rank done must not tear its process group down while another still works (exports, saves)
+        collectives.barrier()
         return trainer.preempted
     finally:
         cleanup_distributed()

@@ -386,6 +386,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     try:
         trainer = Trainer(cfg, info)
         summary = trainer.fit()
+        # the first rank done must not tear its process group down while another still works (exports, saves)
+        collectives.barrier()
         return {**summary, "preempted": trainer.preempted}
     finally:
         cleanup_distributed()
