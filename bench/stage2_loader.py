@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming import Stream  # noqa: E402
 
-from shared.token_dataset import reader  # noqa: E402
+from shared.token_dataset import read_manifest, reader  # noqa: E402
 from shared.token_dataset.writer import write_dataset  # noqa: E402
-from stage2_ar.data import TokenLayout, build_loader, read_manifest  # noqa: E402
+from stage2_ar.data import TokenLayout, build_loader  # noqa: E402
 
 VERIFIED = reader.VerifiedStream
 

@@ -26,7 +26,7 @@ import torch
 from experiments.presets import ARAblation, FashionData
 from shared.device import DistInfo
 from shared.runlog import image_grid, save_png
-from shared.token_dataset import TokenDataset
+from shared.token_dataset import TokenDataset, read_manifest
 from shared.tokens import split_index
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_ar import data as sdata
@@ -127,7 +127,7 @@ def reference(dataset: Path, images: Path, tokenizer: Path, per_class: int, size
     from stage1_tokenizer.data import ImageFolderDataset, make_eval_loader
     from stage1_tokenizer.evaluate import evaluate_tokenizer
 
-    manifest = sdata.read_manifest(str(dataset))
+    manifest = read_manifest(str(dataset))
     (idx,), labels = load_split(dataset, "val", (manifest.bits_per_token,), path.parent / "mds-cache")
     first = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(manifest.num_classes)])
     tok = Tokenizer.from_checkpoint(tokenizer)
@@ -138,7 +138,7 @@ def reference(dataset: Path, images: Path, tokenizer: Path, per_class: int, size
 
 
 def run(ab: ARAblation, seed: int, dataset: Path, tokenizer: Path, out: Path) -> Dict[str, Any]:
-    manifest = sdata.read_manifest(str(dataset))
+    manifest = read_manifest(str(dataset))
     cfg = ab.model(manifest.grid, manifest.num_classes)
     cache = out / "mds-cache"
     train, val = (load_split(dataset, s, cfg.bits, cache) for s in ("train", "val"))

@@ -39,8 +39,7 @@ from torch.utils.data import DataLoader
 from shared import object_store
 from shared import token_dataset as td
 from shared.preemption import stop_workers, worker_ignores_signals
-# read_manifest: the trainer and the experiments call it as sdata.read_manifest
-from shared.token_dataset import Manifest, ManifestError, TokenStream, read_manifest  # noqa: F401
+from shared.token_dataset import Manifest, ManifestError, TokenStream
 from shared.token_dataset.reader import ShardError
 from shared.tokens import split_index
 

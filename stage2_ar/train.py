@@ -225,7 +225,7 @@ class Trainer:
         if cfg.data.clean_stale_shm:
             # this run's own cache: frees what a killed earlier run of this job left, never other jobs' segments
             sdata.clean_stale_shared_memory([cfg.data.cache_dir or str(self.out / "mds-cache")])
-        manifest = sdata.read_manifest(cfg.data.path, str(self.out / "mds-cache"))
+        manifest = td.read_manifest(cfg.data.path, str(self.out / "mds-cache"))
         sdata.check_manifest(manifest, cfg.model)
         layout = sdata.TokenLayout.from_manifest(manifest)
         self.tokens = td.tokens_record(manifest)  # kept in every checkpoint: stage2_ar.sample checks its tokenizer

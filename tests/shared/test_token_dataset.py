@@ -72,7 +72,8 @@ def test_stage2_reads_the_synthetic_dataset_through_the_packing(synthetic, tmp_p
     """An epoch is one pass over the images, each with one of its views; two epochs of a two-view dataset
     take every (image, view) once. Evaluation (no view seed) reads view 0."""
     from shared.tokens import join_index
-    from stage2_ar.data import TokenLayout, build_loader, read_manifest
+    from shared.token_dataset import read_manifest
+    from stage2_ar.data import TokenLayout, build_loader
 
     root, tokens, labels = synthetic
     lay = TokenLayout.from_manifest(read_manifest(str(root)))

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from shared.tokens import join_index
-from stage2_ar.data import ManifestError, TokenLayout, build_loader, check_manifest, read_manifest
+from shared.token_dataset import read_manifest
+from stage2_ar.data import ManifestError, TokenLayout, build_loader, check_manifest
 from support.free_port import free_port
 from support.synthetic_tokens import write_tokens
 
@@ -96,7 +97,8 @@ WORKER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from shared.tokens import join_index
-    from stage2_ar.data import TokenLayout, build_loader, read_manifest
+    from shared.token_dataset import read_manifest
+    from stage2_ar.data import TokenLayout, build_loader
     ds, cache, out, mode, stop, epochs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], *map(int, sys.argv[5:7])
     lay = TokenLayout.from_manifest(read_manifest(ds))
     dl = build_loader(ds, split="train", batch_size=4, layout=lay, num_workers=2, cache_dir=cache,
@@ -215,7 +217,8 @@ def test_reads_dataprep_chunked_layout(tmp_path):
 
 SHM_READER = textwrap.dedent("""
     import os, sys
-    from stage2_ar.data import TokenLayout, make_dataset, read_manifest
+    from shared.token_dataset import read_manifest
+    from stage2_ar.data import TokenLayout, make_dataset
     ds_path, cache = sys.argv[1:3]
     ds = make_dataset(ds_path, split="train", batch_size=4, layout=TokenLayout.from_manifest(read_manifest(ds_path)),
                       cache_dir=cache, shuffle=False)

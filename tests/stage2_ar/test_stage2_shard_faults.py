@@ -118,7 +118,8 @@ def test_a_missing_or_unreadable_shard_ends_the_run_promptly(tmp_path, damage):
 def test_a_damaged_cached_copy_is_fetched_again(tmp_path):
     """A shard copy already in the cache is checked when the stream opens: a damaged one is fetched again
     (and checked) from the source instead of being read."""
-    from stage2_ar.data import TokenLayout, make_dataset, read_manifest
+    from shared.token_dataset import read_manifest
+    from stage2_ar.data import TokenLayout, make_dataset
 
     data = _dataset(tmp_path / "ds")
     layout = TokenLayout.from_manifest(read_manifest(str(data)))
@@ -139,7 +140,8 @@ def test_a_damaged_cached_copy_is_fetched_again(tmp_path):
 
 def test_the_loader_raises_one_line_naming_the_shard(tmp_path):
     """No workers: the error is raised by the loader itself, as a ``ShardError`` of one line."""
-    from stage2_ar.data import ShardError, TokenLayout, build_loader, read_manifest
+    from shared.token_dataset import read_manifest
+    from stage2_ar.data import ShardError, TokenLayout, build_loader
 
     data = _dataset(tmp_path / "ds")
     shard = _shards(data)[1]
