@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from shared.atomic import PathLike, atomic_dir, check_output_dir, umask_mode
+from shared.atomic import PathLike, atomic_dir, check_output_dir
+from shared.safetensors_writer import tensor_bytes, write_safetensors
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -92,14 +92,20 @@ def save_checkpoint(
     trainer_state: Optional[Dict[str, Any]] = None,
     extra: Optional[Dict[str, Any]] = None,
     overwrite: bool = False,
+    show_progress: bool = False,
 ) -> Path:
     """Write a checkpoint directory atomically and return its path (``OutputError`` if ``path`` holds
-    something else than a ``kind`` checkpoint, unless ``overwrite``)."""
+    something else than a ``kind`` checkpoint, unless ``overwrite``). ``show_progress``: a progress bar with
+    ETA over the weights' bytes (the converters: GBs for the large released models)."""
+    from shared.progress import progress
+
     path = Path(path)
     meta = {"format": FORMAT_VERSION, "kind": kind, "config": _config_dict(config), "extra": extra or {}}
     with atomic_dir(path, replace_if=_replace_if(kind, overwrite), what=_product(kind)) as tmp:
-        save_file(_detached(state_dict), str(tmp / WEIGHTS), metadata={"kind": kind})
-        os.chmod(tmp / WEIGHTS, umask_mode(0o666))  # safetensors creates it 0600; match the other files
+        weights = _detached(state_dict)
+        with progress(desc=f"writing {path.name}/{WEIGHTS}", total=tensor_bytes(weights), unit="B", unit_scale=True,
+                      disable=not show_progress) as bar:
+            write_safetensors(tmp / WEIGHTS, weights, metadata={"kind": kind}, tick=bar.update)
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)

@@ -233,7 +233,7 @@ def _byteswap(data: torch.Tensor, dtype: torch.dtype) -> None:
         data.copy_(data.view(-1, width).flip(1).reshape(-1))
 
 
-def _read_exact(src, out: torch.Tensor, what: str) -> None:
+def _read_exact(src, out: torch.Tensor, what: str, bar: Any) -> None:
     view = memoryview(out.numpy())
     pos = 0
     while pos < len(view):
@@ -242,9 +242,10 @@ def _read_exact(src, out: torch.Tensor, what: str) -> None:
             raise EOFError(f"{what} ends early ({pos} of {len(view)} bytes)")
         view[pos:pos + len(chunk)] = chunk
         pos += len(chunk)
+        bar.update(len(chunk))
 
 
-def _load_zip(path: Path) -> Any:
+def _load_zip(path: Path, bar: Any) -> Any:
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
         pickles = sorted(n for n in names if n.endswith("/data.pkl") and n.count("/") == 1)
@@ -255,6 +256,7 @@ def _load_zip(path: Path) -> Any:
         if order not in ("little", "big"):
             raise pickle.UnpicklingError(f"unknown byte order {order!r}")
         loaded: Dict[str, _Storage] = {}
+        bar.total = sum(zf.getinfo(n).file_size for n in names if n.startswith(prefix + "data/"))
 
         def storage(pid: tuple) -> _Storage:
             if len(pid) != 5 or pid[0] not in ("storage", b"storage"):
@@ -269,7 +271,7 @@ def _load_zip(path: Path) -> Any:
                     raise pickle.UnpicklingError(f"storage record {record} has the wrong size")
                 data = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
                 with zf.open(record) as src:
-                    _read_exact(src, data, record)
+                    _read_exact(src, data, record, bar)
                 if order != sys.byteorder:
                     _byteswap(data, dtype)
                 loaded[key] = _Storage(data, dtype)
@@ -278,7 +280,7 @@ def _load_zip(path: Path) -> Any:
         return _Unpickler(io.BytesIO(zf.read(prefix + "data.pkl")), storage).load()
 
 
-def _load_stream(f) -> Any:
+def _load_stream(f, bar: Any) -> Any:
     """torch's format before the zip one: four pickles, then the storages' bytes in key order."""
     try:
         magic = _Unpickler(f).load()
@@ -316,29 +318,35 @@ def _load_stream(f) -> Any:
     keys = _Unpickler(f).load()
     if not isinstance(keys, list) or set(map(str, keys)) != set(roots):
         raise pickle.UnpicklingError("the storage list does not match the pickle")
+    bar.total = sum(root.data.numel() for root in roots.values())
     for key in keys:
         root = roots[str(key)]
         header = f.read(8)
         if len(header) != 8 or struct.unpack("<q", header)[0] * root.dtype.itemsize != root.data.numel():
             raise pickle.UnpicklingError(f"storage {key} has the wrong size")
-        _read_exact(f, root.data, f"storage {key}")
+        _read_exact(f, root.data, f"storage {key}", bar)
     return result
 
 
-def load(path: PathLike) -> Any:
+def load(path: PathLike, show_progress: bool = False) -> Any:
     """Everything in the file, tensors as tensors and unknown objects as ``Opaque`` records; never runs code.
 
+    ``show_progress``: a progress bar with ETA over the bytes read (a released AR-XL file is several GB).
     Raises ``CheckpointError`` (one line, "refusing to load PATH: ...") for a file that is not a torch.save
     file or is damaged."""
     path = Path(path)
+    from shared.progress import progress
+
+    # the bytes of the tensors, counted once the archive or pickle has said how many there are
+    bar = progress(desc=f"reading {path.name}", unit="B", unit_scale=True, disable=not show_progress)
     try:
         if zipfile.is_zipfile(path):
-            return _load_zip(path)
+            return _load_zip(path, bar)
         with open(path, "rb") as f:
             head = f.read(2)
             f.seek(0)
             if len(head) == 2 and head[0] == 0x80:  # a pickle: torch's stream format, or a plain pickle
-                return _load_stream(f)
+                return _load_stream(f, bar)
         if head == b"PK":
             raise pickle.UnpicklingError("a damaged zip archive (truncated?): no central directory")
         if tarfile.is_tarfile(path):
@@ -352,6 +360,8 @@ def load(path: PathLike) -> Any:
         raise CheckpointError(f"refusing to load {path}: {e}") from None
     except Exception as e:  # truncated zip/pickle, bad CRC, out of memory, ...: the file is damaged
         raise CheckpointError(f"refusing to load {path}: damaged or not a torch.save file ({error_line(e)})") from None
+    finally:
+        bar.close()
 
 
 def _what(value: Any) -> str:
@@ -375,6 +385,6 @@ def state_dict_from(obj: Any, source: str = "checkpoint") -> Dict[str, torch.Ten
     return dict(sd)
 
 
-def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+def load_state_dict(path: PathLike, show_progress: bool = False) -> Dict[str, torch.Tensor]:
     """``state_dict_from(load(path))``: the tensors of any Lightning / torch.save file, or a one-line refusal."""
-    return state_dict_from(load(path), str(path))
+    return state_dict_from(load(path, show_progress), str(path))

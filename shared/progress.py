@@ -39,6 +39,15 @@ def _env_number(name: str, default: float, stream: TextIO) -> float:
     return default
 
 
+def scaled(n: float) -> str:
+    """A count with an SI prefix, as tqdm's ``unit_scale`` writes it: 950, 1.23k, 6.04G."""
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(n) < 999.5 or prefix == "T":
+            return f"{n:g}" if not prefix else f"{n:.3g}{prefix}"
+        n /= 1000.0
+    return f"{n:g}"
+
+
 def clock(seconds: float) -> str:
     """H:MM:SS."""
     s = int(max(0.0, seconds) + 0.5)
@@ -50,11 +59,13 @@ class LineProgress:
 
     def __init__(self, iterable: Optional[Iterable] = None, total: Optional[float] = None, desc: str = "",
                  initial: float = 0, unit: str = "it", disable: bool = False, file: Optional[TextIO] = None,
-                 interval: Optional[float] = None, percent: Optional[float] = None, **_tqdm_only: Any):
+                 interval: Optional[float] = None, percent: Optional[float] = None, unit_scale: bool = False,
+                 **_tqdm_only: Any):
         self.file = file if file is not None else sys.stderr
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.iterable, self.total, self.desc, self.unit, self.disable = iterable, total, desc, unit, disable
+        self._num = scaled if unit_scale else (lambda n: f"{n:g}")
         self.n = self._start_n = initial
         self.interval = _env_number(INTERVAL_ENV, DEFAULT_INTERVAL, self.file) if interval is None else interval
         self.percent = _env_number(PERCENT_ENV, 0.0, self.file) if percent is None else percent
@@ -70,13 +81,14 @@ class LineProgress:
     def line(self, final: bool = False) -> str:
         elapsed = time.monotonic() - self.start
         done = self.n - self._start_n
-        count = f"{self.n:g}/{self.total:g} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n:g}"
+        num = self._num
+        count = f"{num(self.n)}/{num(self.total)} ({100 * self.n / self.total:.0f}%)" if self.total else num(self.n)
         if final:
             timing = f"done in {clock(elapsed)}"
         elif self.total and done > 0:
             timing = f"elapsed {clock(elapsed)}, ETA {clock(elapsed / done * (self.total - self.n))}"
         elif done > 0:
-            timing = f"elapsed {clock(elapsed)}, {done / max(elapsed, 1e-9):.3g} {self.unit}/s"
+            timing = f"elapsed {clock(elapsed)}, {num(done / max(elapsed, 1e-9))} {self.unit}/s"
         else:
             timing = f"elapsed {clock(elapsed)}, ETA ?"
         return f"{self.desc + ': ' if self.desc else ''}{count} {self.unit} {timing}{self._postfix}"

@@ -204,7 +204,7 @@ def load_official(
     The tokenizer is found at the top of the state dict (a tokenizer release) or under ``first_stage_model.``
     (an AR release). ``weights=None`` picks the EMA weights when the file has them, else the raw ones.
     """
-    sd = load_state_dict(path)
+    sd = load_state_dict(path, show_progress=True)  # GBs for an AR release: a bar with ETA
     prefix = AR_FILE_PREFIX if any(k.startswith(AR_FILE_PREFIX) for k in sd) else ""
     if weights is None:
         weights = "ema" if any(k.startswith(prefix + EMA_PREFIX) for k in sd) else "raw"
@@ -232,7 +232,7 @@ def resolve_tokenizer(ref, weights: Optional[str] = None) -> model_ref.Resolved:
 
     def convert(file: Path, root: Path, source: Dict[str, object]) -> None:
         model, info = load_official(file, weights)
-        model.save(root / variant, extra={**info, "source": source})
+        model.save(root / variant, extra={**info, "source": source}, show_progress=True)
 
     return model_ref.resolve(ref, kind=CHECKPOINT_KIND, variant=variant, convert=convert)
 
@@ -247,7 +247,8 @@ def main(argv=None) -> None:
         check_checkpoint_output(args.out, CHECKPOINT_KIND, overwrite=args.overwrite)  # before reading the file
         source = model_ref.official_file(args.ckpt)
         model, info = load_official(source.path, args.weights, PRESETS.get(args.config))
-        out = model.save(args.out, extra={**info, "source": source.record()}, overwrite=args.overwrite)
+        out = model.save(args.out, extra={**info, "source": source.record()}, overwrite=args.overwrite,
+                         show_progress=True)
     except (CheckpointError, ValueError) as e:  # OutputError is a ValueError
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # e.g. the disk filled up while writing: the old OUT is still in place

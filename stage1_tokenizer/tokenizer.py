@@ -127,11 +127,12 @@ class Tokenizer(nn.Module):
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save(self, path: Union[str, Path], extra: Optional[Dict[str, Any]] = None, trainer_state=None,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, show_progress: bool = False) -> Path:
         """Write a checkpoint directory; an existing ``path`` is replaced only if it is a tokenizer checkpoint
         (or empty), unless ``overwrite`` (``shared.checkpoint.save_checkpoint``)."""
         return save_checkpoint(path, self.state_dict(), to_dict(self.cfg), kind=CHECKPOINT_KIND,
-                               trainer_state=trainer_state, extra=extra, overwrite=overwrite)
+                               trainer_state=trainer_state, extra=extra, overwrite=overwrite,
+                               show_progress=show_progress)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Tokenizer":

@@ -233,7 +233,7 @@ def convert_halves(path, *, grid: Optional[Tuple[int, int]] = None, head_dim: Op
 
     if tokenizer_preset is not None and tokenizer_preset not in TOK_PRESETS:
         raise ValueError(f"unknown tokenizer preset {tokenizer_preset!r}; choose from {', '.join(sorted(TOK_PRESETS))}")
-    sd = load_state_dict(path)
+    sd = load_state_dict(path, show_progress=True)  # GBs for AR-XL: a bar with ETA
     foreign = sorted(k for k in sd if not k.startswith((AR_PREFIX, TOKENIZER_PREFIX)))
     if foreign:
         raise CheckpointError(f"{len(foreign)} tensors belong to neither half (e.g. {', '.join(foreign[:3])})")
@@ -259,10 +259,10 @@ def convert_halves(path, *, grid: Optional[Tuple[int, int]] = None, head_dim: Op
 def _write_halves(model: FactorizedAR, cfg: ARConfig, tok, info, targets: Dict[str, Path],
                   tokenizer_weights: str = "raw", overwrite: bool = False) -> Dict[str, Path]:
     written = {"ar": save_checkpoint(targets["ar"], model.state_dict(), to_dict(cfg), kind=CHECKPOINT_KIND, extra=info,
-                                     overwrite=overwrite)}
+                                     overwrite=overwrite, show_progress=True)}
     if tok is not None and "tokenizer" in targets:
         written["tokenizer"] = tok.save(targets["tokenizer"], extra={**info, "weights": tokenizer_weights},
-                                        overwrite=overwrite)
+                                        overwrite=overwrite, show_progress=True)
     return written
 
 

@@ -32,7 +32,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path
     elif where == "safetensors":
         def full(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")
-        monkeypatch.setattr(checkpoint, "save_file", full)
+        monkeypatch.setattr(checkpoint, "write_safetensors", full)
     else:
         real = Path.write_text
 

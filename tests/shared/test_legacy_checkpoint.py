@@ -131,6 +131,26 @@ def test_both_torch_formats_give_what_torch_load_gives(tmp_path, zip_format):
         _same_tensors(lc.load_state_dict(tmp_path / "u16.pt"), sd16)
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "stream"])
+def test_reading_reports_the_tensor_bytes_with_an_eta(tmp_path, zip_format, capsys, monkeypatch):
+    """``show_progress``: in a log, lines over the storages' bytes (each counted once) ending at 100 %."""
+    monkeypatch.setenv("PROGRESS_MODE", "lines")
+    monkeypatch.setenv("PROGRESS_INTERVAL", "0")  # a line for every chunk read
+    monkeypatch.setattr(lc, "_CHUNK", 64)
+    sd = _odd_tensors()
+    path = tmp_path / "odd.pt"
+    torch.save({"state_dict": sd}, path, _use_new_zipfile_serialization=zip_format)
+    lc.load_state_dict(path)
+    assert capsys.readouterr().err == ""  # silent unless asked
+    got = lc.load_state_dict(path, show_progress=True)
+    _same_tensors(got, sd)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in sd.values()}
+    total = sum(storages.values())
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 3 and all(line.startswith("reading odd.pt: ") for line in lines) and "ETA" in lines[0]
+    assert lines[-1].startswith(f"reading odd.pt: {total}/{total} (100%) B done in")
+
+
 def test_big_endian_byteorder_record(tmp_path):
     """A file written on a big-endian machine: byteorder 'big' and every storage byte-swapped."""
     sd = {"f": torch.randn(3, 2), "i": torch.arange(4, dtype=torch.int32), "c": torch.randn(2, dtype=torch.complex128),

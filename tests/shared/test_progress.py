@@ -72,6 +72,21 @@ def test_log_mode_line_count_is_bounded_by_time_and_percent(clock, monkeypatch):
     assert out.getvalue().splitlines()[0] == "warning: PROGRESS_INTERVAL='soon' is not a number >= 0; using 30"
 
 
+def test_unit_scale_writes_counts_with_si_prefixes(clock):
+    assert [pg.scaled(n) for n in (0, 999, 999.4, 1000, 1234, 6.04e9, 12_345_678, 3e15)] == [
+        "0", "999", "999.4", "1k", "1.23k", "6.04G", "12.3M", "3e+03T"]
+    out = io.StringIO()
+    bar = pg.progress(desc="reading AR_XL.ckpt", total=6_040_000_000, unit="B", unit_scale=True, file=out, interval=0)
+    clock.t += 10
+    bar.update(1_510_000_000)
+    clock.t += 1
+    bar.set_postfix()
+    bar.total = None  # unknown (yet): a rate
+    bar.update(0)
+    assert out.getvalue().splitlines() == ["reading AR_XL.ckpt: 1.51G/6.04G (25%) B elapsed 0:00:10, ETA 0:00:30",
+                                           "reading AR_XL.ckpt: 1.51G B elapsed 0:00:11, 137M B/s"]
+
+
 def test_unknown_total_reports_a_rate(clock):
     out = io.StringIO()
     bar = pg.progress(desc="chunks", file=out, interval=0)

@@ -154,6 +154,25 @@ def test_cli_converts_ema_and_raw_end_to_end(tmp_path):
         assert meta["kind"] == "tokenizer" and meta["extra"]["weights"] == weights
 
 
+def test_cli_shows_progress_reading_and_writing(tmp_path, capsys, monkeypatch):
+    """The two long phases of converting a large release (GBs): lines with an ETA in a log."""
+    from shared.progress import scaled
+    from shared.safetensors_writer import tensor_bytes
+
+    monkeypatch.setenv("PROGRESS_MODE", "lines")
+    monkeypatch.setenv("PROGRESS_INTERVAL", "0")
+    torch.manual_seed(0)
+    sd = _tiny_as_official(Tokenizer(PRESETS["tokenizer-tiny"]), Tokenizer(PRESETS["tokenizer-tiny"]))
+    torch.save({"state_dict": sd}, tmp_path / "official.ckpt")
+    main([str(tmp_path / "official.ckpt"), str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()
+    reading = [line for line in err if line.startswith("reading official.ckpt: ")]
+    writing = [line for line in err if line.startswith("writing out/model.safetensors: ")]
+    assert reading and writing and "(100%) B done in" in reading[-1] and "(100%) B done in" in writing[-1]
+    n = scaled(tensor_bytes(Tokenizer.from_checkpoint(tmp_path / "out").state_dict()))
+    assert writing[-1].startswith(f"writing out/model.safetensors: {n}/{n} (100%)")
+
+
 def test_cli_says_which_set_is_for_what_and_the_output_records_it(tmp_path, capsys):
     from shared.token_dataset.provenance import tokenizer_identity, tokenizer_weights
 

@@ -130,6 +130,18 @@ def test_convert_synthetic_checkpoint_end_to_end(tmp_path):
     assert torch.allclose(tok.decode(idx), tok_back.decode(idx), atol=1e-6)
 
 
+def test_convert_shows_progress_reading_and_writing_both_halves(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PROGRESS_MODE", "lines")
+    monkeypatch.setenv("PROGRESS_INTERVAL", "0")
+    tok, tok_sd = _tiny_tokenizer_official()
+    torch.save({"state_dict": {**_official_from_ours(_model()), **tok_sd}}, tmp_path / "AR_tiny.ckpt")
+    assert main([str(tmp_path / "AR_tiny.ckpt"), str(tmp_path / "out"), "--grid", "4,4", "--head-dim", "16",
+                 "--tokenizer-preset", "tokenizer-tiny"]) == 0
+    finals = [line for line in capsys.readouterr().err.splitlines() if "(100%) B done in" in line]
+    assert [line.split(":")[0] for line in finals] == [
+        "reading AR_tiny.ckpt", "writing ar/model.safetensors", "writing tokenizer/model.safetensors"]
+
+
 def test_convert_ar_half_only_and_strictness(tmp_path):
     ar = _model()
     sd = _official_from_ours(ar)
