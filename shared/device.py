@@ -7,10 +7,11 @@ environment (RANK, LOCAL_RANK, WORLD_SIZE), picks the accelerator and the matchi
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,31 @@ def init_distributed(prefer: Optional[str] = None) -> DistInfo:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(prefer: Optional[str] = None) -> Iterator[DistInfo]:
+    """``init_distributed`` for the body; on the way out, the one teardown rule of every entry point.
+
+    After a body that succeeded, every rank meets first: the first rank done must not tear its process group
+    down while another still uses it (rank 0 exporting, saving or merging). Then a garbage collection, so
+    that objects in reference cycles that hold the group (a DDP-wrapped model, its reducer) are freed now
+    rather than during interpreter shutdown, and the group is destroyed. After a failure there is no meeting
+    (a rank that died would never come). A group that already existed (a caller's) is left alone."""
+    owns = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(prefer)
+    succeeded = False
+    try:
+        yield info
+        succeeded = True
+    finally:
+        if owns:
+            if succeeded and info.distributed:
+                from shared import collectives
+
+                collectives.barrier()
+            gc.collect()
+            cleanup_distributed()
 
 
 def synchronize(device: torch.device) -> None:

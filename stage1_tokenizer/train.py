@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from shared import checkpoint as ckpt
 from shared import collectives
 from shared.config import ConfigError, to_dict
-from shared.device import DistInfo, autocast, cleanup_distributed, init_distributed
+from shared.device import DistInfo, autocast, distributed_session
 from shared.preemption import release_workers
 from shared.rng import seed_everything, set_rng_state
 from shared.runlog import get_logger, progress
@@ -373,15 +373,14 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> int:
     """Train (or resume) on this process or under torchrun; returns 0, or 128 + signal after a preemption."""
-    info = init_distributed(cfg.device)
-    try:
-        trainer = Trainer(cfg, info)
-        trainer.fit()
-        # the first rank done must not tear its process group down while another still works (exports, saves)
-        collectives.barrier()
-        return trainer.preempted
-    finally:
-        cleanup_distributed()
+    with distributed_session(cfg.device) as info:
+        return _fit(cfg, info)
+
+
+def _fit(cfg: TrainConfig, info: DistInfo) -> int:
+    trainer = Trainer(cfg, info)  # gone when this returns, before the process group is torn down
+    trainer.fit()
+    return trainer.preempted
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -49,7 +49,7 @@ from shared import collectives
 from shared import object_store
 from shared import token_dataset as td
 from shared.config import ConfigError
-from shared.device import DistInfo, autocast, cleanup_distributed, init_distributed
+from shared.device import DistInfo, autocast, distributed_session
 from shared.rng import seed_everything, set_rng_state
 from shared.run_checkpoints import step_dir
 from shared.runlog import get_logger, progress
@@ -382,15 +382,14 @@ class Trainer:
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run (or resume) training on this process or under torchrun; returns the summary of ``Trainer.fit`` and
     ``preempted``: 0, or the exit status 128 + signal when SIGTERM/SIGINT stopped it with a checkpoint."""
-    info = init_distributed(cfg.device)
-    try:
-        trainer = Trainer(cfg, info)
-        summary = trainer.fit()
-        # the first rank done must not tear its process group down while another still works (exports, saves)
-        collectives.barrier()
-        return {**summary, "preempted": trainer.preempted}
-    finally:
-        cleanup_distributed()
+    with distributed_session(cfg.device) as info:
+        return _fit(cfg, info)
+
+
+def _fit(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
+    trainer = Trainer(cfg, info)  # gone when this returns, before the process group is torn down
+    summary = trainer.fit()
+    return {**summary, "preempted": trainer.preempted}
 
 
 def _run(cfg: TrainConfig) -> int:

@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,67 @@ def test_npu_is_selected_and_its_rng_is_captured_and_restored(fake_npu):
     fake_npu.states = [torch.zeros(3, dtype=torch.uint8), torch.zeros(2, dtype=torch.uint8)]
     set_rng_state(saved)
     assert [s.tolist() for s in fake_npu.states] == [[1, 2, 3], [4, 5]]
+
+
+SESSION_WORKER = textwrap.dedent(
+    """
+    import gc, sys, time, weakref
+    from pathlib import Path
+    import torch.distributed as dist
+    from shared.device import distributed_session
+
+    out = Path(sys.argv[1])
+    freed = []
+    real_destroy = dist.destroy_process_group
+
+    def destroy(*a, **k):  # what had been freed when the group was torn down
+        (out / f"destroy{dist.get_rank()}").write_text(str(freed))
+        real_destroy(*a, **k)
+    dist.destroy_process_group = destroy
+
+    class Holder:  # a reference cycle holding the group, as a DDP-wrapped model in a trainer does
+        def __init__(self):
+            self.me, self.group = self, dist.group.WORLD
+
+    def body(info):
+        h = Holder()
+        weakref.finalize(h, freed.append, "holder")
+        if info.rank == 0:  # the last export of a run: rank 1 must not tear down before it is written
+            time.sleep(1.5)
+            (out / "export").write_text("done")
+
+    gc.disable()  # only the session's collection may free the cycle
+    with distributed_session("cpu") as info:
+        body(info)
+    rank = info.rank
+    (out / f"left{rank}").write_text(str((out / "export").exists()))
+    assert not dist.is_initialized()
+    """
+)
+
+
+@pytest.mark.slow
+def test_distributed_session_meets_collects_then_tears_down(tmp_path, torchrun_cmd):
+    script = tmp_path / "worker.py"
+    script.write_text(SESSION_WORKER)
+    r = subprocess.run([*torchrun_cmd, str(script), str(tmp_path)], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "left1").read_text() == "True"  # rank 1 waited for rank 0's export
+    assert [(tmp_path / f"destroy{k}").read_text() for k in (0, 1)] == ["['holder']"] * 2
+
+
+def test_distributed_session_leaves_a_callers_group_alone(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with D.distributed_session("cpu") as info:
+            assert info.world_size == 1
+        assert dist.is_initialized()
+        with pytest.raises(RuntimeError, match="boom"):
+            with D.distributed_session("cpu"):
+                raise RuntimeError("boom")
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
