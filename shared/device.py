@@ -96,7 +96,7 @@ def cleanup_distributed() -> None:
 
 @contextlib.contextmanager
 def distributed_session(prefer: Optional[str] = None) -> Iterator[DistInfo]:
-    """``init_distributed`` for the body; on the way out, the one teardown rule of every entry point.
+    """``init_distributed`` for the body; on the way out, the one teardown rule of the trainers.
 
     After a body that succeeded, every rank meets first: the first rank done must not tear its process group
     down while another still uses it (rank 0 exporting, saving or merging). Then a garbage collection, so
