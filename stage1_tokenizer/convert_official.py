@@ -189,13 +189,6 @@ def convert_tokenizer_state(
     return out
 
 
-def empty_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
-    """A Tokenizer with uninitialised weights (skips the random init of 115M parameters before a load)."""
-    with torch.device("meta"):
-        model = Tokenizer(cfg)
-    return model.to_empty(device="cpu")
-
-
 def load_official(
     path: str | Path, weights: Optional[str] = "ema", cfg: Optional[TokenizerConfig] = None
 ) -> Tuple[Tokenizer, Dict[str, object]]:
@@ -209,7 +202,7 @@ def load_official(
     if weights is None:
         weights = "ema" if any(k.startswith(prefix + EMA_PREFIX) for k in sd) else "raw"
     cfg = cfg or infer_config(sd, prefix, weights)
-    model = empty_tokenizer(cfg)
+    model = Tokenizer.empty(cfg)
     load_strict(model, convert_tokenizer_state(sd, prefix, weights, cfg), source=str(path))
     info = {"converted_from": Path(path).name, "weights": weights, "format": "open-magvit2-official-lightning"}
     if prefix:

@@ -135,12 +135,20 @@ class Tokenizer(nn.Module):
                                show_progress=show_progress)
 
     @classmethod
+    def empty(cls, cfg: TokenizerConfig) -> "Tokenizer":
+        """A tokenizer with uninitialised weights on the CPU, for a strict load that replaces every one of them
+        (skips the random init; the model keeps no buffer outside its state dict)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        return model.to_empty(device="cpu")
+
+    @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Tokenizer":
         """Build from a checkpoint directory (kind "tokenizer"), load strictly, eval mode."""
         meta = load_meta(path)
         if meta.get("kind") != CHECKPOINT_KIND:
             raise CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, expected {CHECKPOINT_KIND!r}")
-        model = cls(from_dict(TokenizerConfig, meta["config"]))
+        model = cls.empty(from_dict(TokenizerConfig, meta["config"]))
         load_weights(model, path, kind=CHECKPOINT_KIND)
         return model.to(device).eval()
 

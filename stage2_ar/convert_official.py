@@ -239,7 +239,7 @@ def convert_halves(path, *, grid: Optional[Tuple[int, int]] = None, head_dim: Op
         raise CheckpointError(f"{len(foreign)} tensors belong to neither half (e.g. {', '.join(foreign[:3])})")
     grid, head_dim = resolve_geometry(sd, grid, head_dim)
     cfg = infer_config(sd, head_dim=head_dim, grid=grid)
-    model = FactorizedAR(cfg)
+    model = FactorizedAR.empty(cfg)
     load_strict(model, convert_ar_state(sd, cfg), source=str(path))
     info = {"converted_from": Path(path).name, "format": "open-magvit2-official-lightning"}
     if source is not None:
@@ -251,7 +251,7 @@ def convert_halves(path, *, grid: Optional[Tuple[int, int]] = None, head_dim: Op
         from stage1_tokenizer.tokenizer import Tokenizer
 
         tcfg = TOK_PRESETS[tokenizer_preset] if tokenizer_preset else tok_infer(sd, TOKENIZER_PREFIX, tokenizer_weights)
-        tok = Tokenizer(tcfg)
+        tok = Tokenizer.empty(tcfg)
         load_strict(tok, convert_tokenizer_state(sd, TOKENIZER_PREFIX, tokenizer_weights, tcfg), source=str(path))
     return model, cfg, tok, info
 

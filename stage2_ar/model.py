@@ -163,11 +163,21 @@ class FactorizedAR(nn.Module):
                                     trainer_state=trainer_state, extra=extra)
 
     @classmethod
+    def empty(cls, cfg: ARConfig) -> "FactorizedAR":
+        """A model with uninitialised weights on the CPU, for a strict load that replaces every one of them:
+        skips the random init (seconds for ar-XL's 1.5B parameters), and the RoPE table is computed as usual."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu")
+        model.rope = rope_table(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.rope_zero_cls)
+        return model
+
+    @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "FactorizedAR":
         meta = ckpt.load_meta(path)
         if meta.get("kind") != CHECKPOINT_KIND:
             raise ckpt.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, expected {CHECKPOINT_KIND!r}")
-        model = cls(from_dict(ARConfig, meta["config"]))
+        model = cls.empty(from_dict(ARConfig, meta["config"]))
         ckpt.load_strict(model, ckpt.load_state_dict(path), source=str(path))
         return model.to(device).eval()
 

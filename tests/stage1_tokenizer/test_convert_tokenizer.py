@@ -11,7 +11,6 @@ from stage1_tokenizer.convert_official import (
     convert_tokenizer_state,
     dcr_to_pixel_shuffle,
     ema_name,
-    empty_tokenizer,
     infer_config,
     main,
     official_key_map,
@@ -80,7 +79,7 @@ def test_synthetic_official_checkpoint_converts_loads_strictly_and_upsamples_as_
     assert cfg == PRESETS[preset]
     mapping = official_key_map(cfg)
     for weights in ("ema", "raw"):
-        model = empty_tokenizer(cfg)
+        model = Tokenizer.empty(cfg)
 
         load_strict(model, convert_tokenizer_state(sd, weights=weights))  # strict: no missing/extra/shape errors
         params = model.state_dict()

@@ -262,6 +262,22 @@ def test_checkpoint_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(m(subs, labels), back(subs, labels)))
 
 
+@pytest.mark.parametrize("overrides", [{}, {"rope_zero_cls": False}, {"bits": (9, 9)}])
+def test_empty_model_builds_no_weights_but_the_rope_table(overrides):
+    """``FactorizedAR.empty`` (what loading uses): a strict load of the weights gives the same model, RoPE included,
+    and the table is still recomputed after a dtype cast."""
+    from shared.checkpoint import load_strict
+
+    cfg = with_overrides(TINY, **overrides)
+    m = _model(cfg)
+    empty = FactorizedAR.empty(cfg)
+    assert torch.equal(empty.rope, m.rope) and "rope" not in empty.state_dict()
+    load_strict(empty, m.state_dict(), source="test")
+    subs, labels = _batch(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(m.eval()(subs, labels), empty.eval()(subs, labels)))
+    assert torch.equal(empty.to(torch.bfloat16).rope, m.rope)
+
+
 def test_checkpoint_kind_and_shape_mismatch(tmp_path):
     from shared.checkpoint import save_checkpoint
     from shared.config import to_dict
