@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from shared.atomic import PathLike, atomic_dir, check_output_dir
+from shared.progress import progress
 from shared.safetensors_writer import tensor_bytes, write_safetensors
 
 FORMAT_VERSION = 1
@@ -97,8 +98,6 @@ def save_checkpoint(
     """Write a checkpoint directory atomically and return its path (``OutputError`` if ``path`` holds
     something else than a ``kind`` checkpoint, unless ``overwrite``). ``show_progress``: a progress bar with
     ETA over the weights' bytes (the converters: GBs for the large released models)."""
-    from shared.progress import progress
-
     path = Path(path)
     meta = {"format": FORMAT_VERSION, "kind": kind, "config": _config_dict(config), "extra": extra or {}}
     with atomic_dir(path, replace_if=_replace_if(kind, overwrite), what=_product(kind)) as tmp:

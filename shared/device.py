@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from shared import collectives
 from shared.runlog import set_rank
 
 _BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
@@ -112,8 +113,6 @@ def distributed_session(prefer: Optional[str] = None) -> Iterator[DistInfo]:
     finally:
         if owns:
             if succeeded and info.distributed:
-                from shared import collectives
-
                 collectives.barrier()
             gc.collect()
             cleanup_distributed()

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from shared.checkpoint import CheckpointError, PathLike, error_line
+from shared.progress import progress
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # first pickle of torch's stream format
 STREAM_PROTOCOL = 1001
@@ -335,8 +336,6 @@ def load(path: PathLike, show_progress: bool = False) -> Any:
     Raises ``CheckpointError`` (one line, "refusing to load PATH: ...") for a file that is not a torch.save
     file or is damaged."""
     path = Path(path)
-    from shared.progress import progress
-
     # the bytes of the tensors, counted once the archive or pickle has said how many there are
     bar = progress(desc=f"reading {path.name}", unit="B", unit_scale=True, disable=not show_progress)
     try:
