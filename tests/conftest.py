@@ -32,14 +32,10 @@ def one_thread():
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory):
     """A few dozen real photo patches (scikit-image's bundled images), 24 px, for the tokenizer trainer."""
-    from PIL import Image
-
     from support.fixtures_images import export_skimage_photos
 
     root = tmp_path_factory.mktemp("photos")
-    export_skimage_photos(root, tile=96, names=("astronaut", "coffee"))
-    for p in sorted(root.iterdir()):
-        Image.open(p).resize((24, 24), Image.BICUBIC).save(p)
+    export_skimage_photos(root, tile=96, names=("astronaut", "coffee"), size=24)
     return root
 
 

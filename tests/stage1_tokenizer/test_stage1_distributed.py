@@ -15,14 +15,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from PIL import Image
-
     from support.fixtures_images import export_skimage_photos
 
     root = tmp_path_factory.mktemp("photos")
-    export_skimage_photos(root, tile=128, names=("astronaut", "chelsea"))
-    for p in sorted(root.iterdir()):
-        Image.open(p).resize((20, 20), Image.BICUBIC).save(p)
+    export_skimage_photos(root, tile=128, names=("astronaut", "chelsea"), size=20)
     return root
 
 

@@ -15,9 +15,11 @@ TRAINER_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field
                   "retina", "cat", "motorcycle")
 
 
-def export_skimage_photos(out_dir: Path, tile: Optional[int] = None, names: Sequence[str] = ()) -> List[Path]:
+def export_skimage_photos(out_dir: Path, tile: Optional[int] = None, names: Sequence[str] = (),
+                          size: Optional[int] = None) -> List[Path]:
     """Write bundled photos as PNGs; with ``tile`` each is cut into non-overlapping tile x tile patches
-    (one file each), which turns a handful of photos into a few hundred small real images."""
+    (one file each), which turns a handful of photos into a few hundred small real images; with ``size`` each
+    patch is resized (bicubic) to size x size, for the trainers' tiny configs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -31,7 +33,8 @@ def export_skimage_photos(out_dir: Path, tile: Optional[int] = None, names: Sequ
         for r in range(arr.shape[0] // tile):
             for c in range(arr.shape[1] // tile):
                 path = out_dir / f"{name}-{r:02d}-{c:02d}.png"
-                Image.fromarray(arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]).save(path)
+                patch = Image.fromarray(arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile])
+                (patch.resize((size, size), Image.BICUBIC) if size else patch).save(path)
                 written.append(path)
     return written
 
